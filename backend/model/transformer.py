@@ -1,0 +1,114 @@
+"""The V4 decoder: embedding -> n_hc streams -> blocks (attention and MoE sites, each wrapped in mHC)
+-> hyper-head -> norm -> head. Parameter names follow the release (`layers.0.attn.wq_a.weight`, ...).
+
+`prefill` advances one request by a chunk of any length from its current position; `decode`
+advances B requests by one token each. Neither allocates cache blocks: the caller reserves
+them (see `kv_cache`), so the forward never fails half-way for lack of memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ROUTED_MOE, SWA, ModelConfig
+from ..kv_cache.storage import KVStorage, SequenceState
+from . import ops
+from .attention import Attention
+from .hyper import hc_collapse, hc_expand, hc_head, hc_weights
+from .layers import Linear, RMSNormWeight, empty_param
+from .moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, kind: str | None = None, mlp: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.attn = Attention(cfg, layer, dtype, kind)
+        self.ffn = MoE(cfg, mlp or cfg.mlp_types[layer], dtype)
+        self.attn_norm = RMSNormWeight(cfg.hidden_size)
+        self.ffn_norm = RMSNormWeight(cfg.hidden_size)
+        mix = (2 + cfg.hc_mult) * cfg.hc_mult
+        for site in ("attn", "ffn"):
+            setattr(self, f"hc_{site}_fn", empty_param(mix, cfg.hc_mult * cfg.hidden_size, dtype=torch.float32))
+            setattr(self, f"hc_{site}_base", empty_param(mix, dtype=torch.float32))
+            setattr(self, f"hc_{site}_scale", empty_param(3, dtype=torch.float32))
+
+    def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, attend) -> torch.Tensor:
+        """streams [N, n_hc, d]; `attend(x [N, d]) -> [N, d]` runs this layer's attention."""
+        eps = self.cfg.rms_norm_eps
+        w = hc_weights(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.cfg)
+        y = attend(ops.rms_norm(hc_collapse(streams, w.pre), self.attn_norm.weight, eps))
+        streams = hc_expand(streams, y, w)
+        w = hc_weights(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.cfg)
+        y = self.ffn(ops.rms_norm(hc_collapse(streams, w.pre), self.ffn_norm.weight, eps), token_ids)
+        return hc_expand(streams, y, w)
+
+
+class MTPBlock(Block):
+    """Multi-token-prediction block (sliding-window attention, routed MoE); weights loaded for speculation."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__(cfg, cfg.num_layers, dtype, kind=SWA, mlp=ROUTED_MOE)
+        d = cfg.hidden_size
+        self.e_proj = Linear(d, d, dtype)
+        self.h_proj = Linear(d, d, dtype)
+        self.enorm = RMSNormWeight(d)
+        self.hnorm = RMSNormWeight(d)
+        self.norm = RMSNormWeight(d)
+        self.hc_head_fn = empty_param(cfg.hc_mult, cfg.hc_mult * d, dtype=torch.float32)
+        self.hc_head_base = empty_param(cfg.hc_mult, dtype=torch.float32)
+        self.hc_head_scale = empty_param(1, dtype=torch.float32)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = empty_param(vocab, dim, dtype=dtype)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        d = cfg.hidden_size
+        self.embed = Embedding(cfg.vocab_size, d, dtype)
+        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNormWeight(d)
+        self.hc_head_fn = empty_param(cfg.hc_mult, cfg.hc_mult * d, dtype=torch.float32)
+        self.hc_head_base = empty_param(cfg.hc_mult, dtype=torch.float32)
+        self.hc_head_scale = empty_param(1, dtype=torch.float32)
+        self.head = Linear(d, cfg.vocab_size, dtype)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, dtype) for _ in range(cfg.num_mtp_layers))
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def _streams(self, token_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed.weight[token_ids]
+        return x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
+
+    def _logits(self, streams: torch.Tensor) -> torch.Tensor:
+        x = hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.cfg)
+        x = ops.rms_norm(x, self.norm.weight, self.cfg.rms_norm_eps)
+        return self.head(x).float()
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: torch.Tensor, seq: SequenceState, kv_store: KVStorage, all_logits: bool = False) -> torch.Tensor:
+        """Run tokens seq.position .. +S-1 of one request; returns logits [S, V] or [1, V] (last)."""
+        streams = self._streams(token_ids)
+        for block in self.layers:
+            streams = block(streams, token_ids, lambda x, a=block.attn: a.prefill(x, seq, kv_store))
+        seq.position += token_ids.shape[0]
+        return self._logits(streams if all_logits else streams[-1:])
+
+    @torch.inference_mode()
+    def decode(self, token_ids: torch.Tensor, seqs: list[SequenceState], kv_store: KVStorage) -> torch.Tensor:
+        """One token per request at each request's own position; returns logits [B, V]."""
+        streams = self._streams(token_ids)
+        for block in self.layers:
+            streams = block(streams, token_ids, lambda x, a=block.attn: a.decode(x, seqs, kv_store))
+        for s in seqs:
+            s.position += 1
+        return self._logits(streams)
