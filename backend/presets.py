@@ -48,7 +48,7 @@ def _tiny() -> ModelConfig:
     return ModelConfig(
         vocab_size=VOCAB, hidden_size=128, num_layers=4, num_heads=4, head_dim=128, rope_dim=64,
         q_lora_rank=64, o_groups=2, o_lora_rank=64, window=64, layer_types=layers,
-        mlp_types=_mlp(4, 2), csa_rate=4, hca_rate=32, index_heads=8, index_head_dim=128,
+        mlp_types=_mlp(4, 2), csa_rate=4, hca_rate=32, index_heads=32, index_head_dim=128,
         index_topk=16, num_experts=8, experts_per_token=2, moe_inter_size=128,
         routed_scaling_factor=1.5, yarn=_YARN, num_mtp_layers=1,
     )
