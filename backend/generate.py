@@ -30,7 +30,14 @@ def resolve_seed(seed: int | None) -> int:
     return random.getrandbits(63) if seed is None else seed
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
+                  banned: list[list[int]] | None = None) -> torch.Tensor:
+    """Next token per row; `banned[i]` lists ids row i may not produce yet (EOS before min_tokens)."""
+    if banned and any(banned):
+        logits = logits.clone()
+        for row, ids in enumerate(banned):
+            if ids:
+                logits[row, ids] = float("-inf")
     gens = [None if p.greedy else make_generator(step_seed(s, i), logits.device) for p, s, i in zip(params, seeds, steps)]
     return sample(logits, params, gens)
 

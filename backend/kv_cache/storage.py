@@ -23,6 +23,27 @@ def entries_per_block(rate: int) -> int:
     return BLOCK_POSITIONS // rate
 
 
+def gather_entries(pool: torch.Tensor, blocks: list[int], count: int) -> torch.Tensor:
+    """The first `count` entries of a request's paged sequence in `pool` [blocks, per_block, dim]."""
+    if count == 0:
+        return pool.new_zeros(0, pool.shape[-1])
+    needed = -(-count // pool.shape[1])
+    table = torch.tensor(blocks[:needed], dtype=torch.long, device=pool.device)
+    return pool[table].reshape(-1, pool.shape[-1])[:count]
+
+
+def store_entries(pool: torch.Tensor, blocks: list[int], first: int, entries: torch.Tensor) -> None:
+    """Write entries `first ..` of a request's paged sequence; its blocks must already be reserved."""
+    if entries.shape[0] == 0:
+        return
+    per_block = pool.shape[1]
+    idx = torch.arange(first, first + entries.shape[0])
+    if int(idx[-1]) // per_block >= len(blocks):
+        raise RuntimeError(f"no block reserved for compressed entry {int(idx[-1])}; reserve before the forward")
+    table = torch.tensor(blocks, dtype=torch.long)[idx // per_block]
+    pool[table.to(pool.device), (idx % per_block).to(pool.device)] = entries.to(pool.dtype)
+
+
 @dataclass(slots=True)
 class SequenceState:
     """Everything one request owns in the cache: its position and its block tables.

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import CSA, HCA, ModelConfig
-from ..kv_cache.storage import KVStorage, SequenceState
+from ..kv_cache.storage import KVStorage, SequenceState, gather_entries, store_entries
 from . import ops
 from .compressor import compress_chunk, compress_decode
 from .layers import Linear, RMSNormWeight, empty_param
@@ -55,26 +55,6 @@ class Indexer(nn.Module):
         q = self.wq_b(c_q).view(-1, self.heads, self.dim)
         q = ops.apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         return q, self.weights_proj(x).float() * self.heads**-0.5
-
-
-def _gather_entries(pool: torch.Tensor, blocks: list[int], count: int) -> torch.Tensor:
-    """The first `count` entries of a request's paged sequence: [count, dim]."""
-    if count == 0:
-        return pool.new_zeros(0, pool.shape[-1])
-    needed = -(-count // pool.shape[1])
-    table = torch.tensor(blocks[:needed], dtype=torch.long, device=pool.device)
-    return pool[table].reshape(-1, pool.shape[-1])[:count]
-
-
-def _store_entries(pool: torch.Tensor, blocks: list[int], first: int, entries: torch.Tensor) -> None:
-    if entries.shape[0] == 0:
-        return
-    per_block = pool.shape[1]
-    idx = torch.arange(first, first + entries.shape[0])
-    if int(idx[-1]) // per_block >= len(blocks):
-        raise RuntimeError(f"no block reserved for compressed entry {int(idx[-1])}; reserve before the forward")
-    table = torch.tensor(blocks, dtype=torch.long)[idx // per_block]
-    pool[table.to(pool.device), (idx % per_block).to(pool.device)] = entries.to(pool.dtype)
 
 
 def _pad_stack(rows: list[torch.Tensor], dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,9 +158,9 @@ class Attention(nn.Module):
         if n_new:
             anchors = (torch.arange(n_new, device=x.device) + emitted.first_entry) * comp.rate
             entries = comp.finish(emitted.pooled, anchors, self.inv_freq)
-            _store_entries(pools[self.layer], blocks, emitted.first_entry, entries)
+            store_entries(pools[self.layer], blocks, emitted.first_entry, entries)
         total = (seq.position + x.shape[0]) // comp.rate
-        return _gather_entries(pools[self.layer], blocks, total)
+        return gather_entries(pools[self.layer], blocks, total)
 
     # decode: one token per request, each at its own position
 
@@ -198,7 +178,7 @@ class Attention(nn.Module):
         if self.compressor is not None:
             counts = self._compress_decode(self.compressor, x, positions, seqs, kv_store, kv_store.comp, kv_store.acc)
             pool = kv_store.comp[self.layer]
-            entries = [_gather_entries(pool, kv_store.comp_blocks(s, self.layer), n) for s, n in zip(seqs, counts)]
+            entries = [gather_entries(pool, kv_store.comp_blocks(s, self.layer), n) for s, n in zip(seqs, counts)]
             if self.indexer is None:
                 keys, visible = _pad_stack(entries, self.cfg.head_dim, q)
                 groups.append(KeyGroup(keys, visible))
@@ -222,14 +202,14 @@ class Attention(nn.Module):
             entries = comp.finish(result.pooled[rows], anchors, self.inv_freq)
             for i, b in enumerate(rows):
                 blocks = kv_store.comp_blocks(seqs[b], self.layer)
-                _store_entries(pools[self.layer], blocks, int(positions[b] + 1) // comp.rate - 1, entries[i : i + 1])
+                store_entries(pools[self.layer], blocks, int(positions[b] + 1) // comp.rate - 1, entries[i : i + 1])
         return [int(p + 1) // comp.rate for p in positions]
 
     def _select_decode(self, x, c_q, cos, sin, positions, seqs, kv_store) -> torch.Tensor:
         """Indexer picks per request [B, min(k, max entries)], -1 where a request has fewer."""
         counts = self._compress_decode(self.indexer.compressor, x, positions, seqs, kv_store, kv_store.index, kv_store.index_acc)
         pool = kv_store.index[self.layer]
-        keys = [_gather_entries(pool, kv_store.comp_blocks(s, self.layer), n) for s, n in zip(seqs, counts)]
+        keys = [gather_entries(pool, kv_store.comp_blocks(s, self.layer), n) for s, n in zip(seqs, counts)]
         padded, _ = _pad_stack(keys, self.indexer.dim, x.float())
         iq, iw = self.indexer.queries(c_q, x, cos, sin)
         scores = index_scores(iq, iw, padded, self.indexer.dim)

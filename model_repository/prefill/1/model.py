@@ -1,0 +1,44 @@
+"""Triton adapter for the prefill stage; the cache state leaves as tensors on the model's device."""
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from dsv4.backend.serving.request import RequestConfig
+from dsv4.backend.serving.stages import PrefillStage, serving_limits
+from dsv4.backend.serving.triton_io import error_response, model_parameters
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _device_tensor(name, t):
+    if t.is_cuda:
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(t.contiguous()))
+    return pb_utils.Tensor(name, t.numpy())
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        device = params["device"]
+        if device == "cuda":
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
+        limits = serving_limits(params["model_dir"], int(params["max_model_len"]), 1)
+        self.stage = PrefillStage(params["model_dir"], device, DTYPES[params["dtype"]], limits.max_prompt_tokens)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+                raw = pb_utils.get_input_tensor_by_name(request, "request_config").as_numpy().reshape(-1)[0]
+                token, header, payload = self.stage.run(ids, RequestConfig.from_json(raw))
+            except Exception as exc:  # one failed prompt must not take the stage down
+                responses.append(error_response(pb_utils, "INTERNAL", f"prefill failed: {exc}"))
+                continue
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("first_token", np.array([token], dtype=np.int32)),
+                pb_utils.Tensor("kv_header", header.to_tensor().numpy()),
+                _device_tensor("kv_state", payload),
+            ]))
+        return responses

@@ -1,0 +1,185 @@
+"""dsv4-serve: serve a DeepSeek-V4-architecture checkpoint from the real Triton Inference Server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dsv4.scripts.triton_launcher import (
+    LaunchError, ServerOptions, TritonBundle, build_backend_dir, build_repository, start_server, wait_ready,
+)
+
+EPILOG = """examples:
+  dsv4-serve                                   # the tiny model on 127.0.0.1:8000/8001/8002
+  dsv4-serve --model /data/flash-mini --device cuda --dtype bf16
+  dsv4-serve --host 0.0.0.0 --api-key $KEY     # listen beyond loopback (admin APIs need the key)
+"""
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("DSV4_CACHE", Path.home() / ".cache" / "dsv4-triton"))
+
+
+def ensure_default_model(cache: Path) -> Path:
+    """The `tiny` checkpoint, made on first use (seeded: every machine gets the same weights)."""
+    path = cache / "tiny"
+    if not (path / "config.json").is_file():
+        from dsv4.backend.checkpoint.writer import write_checkpoint
+        from dsv4.backend.presets import preset
+
+        print(f"making the tiny checkpoint in {path} (first use)", file=sys.stderr)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tiny-"))
+        write_checkpoint(preset("tiny"), tmp, seed=0, progress=sys.stderr.isatty())
+        tmp.rename(path)
+    return path
+
+
+def handoff_bytes(model_dir: Path, max_model_len: int, element_size: int) -> int:
+    """Upper bound of one request's prefill -> decode state (sizes the shared memory / CUDA pool)."""
+    from dsv4.backend.config import load_config
+
+    cfg = load_config(model_dir)
+    total = 0
+    for layer in range(cfg.num_layers):
+        total += cfg.window * cfg.head_dim
+        rate = cfg.compress_rate(layer)
+        if rate:
+            entries = max_model_len // rate
+            total += entries * cfg.head_dim + 6 * cfg.head_dim
+            if cfg.layer_types[layer] == "compressed_sparse_attention":
+                total += entries * cfg.index_head_dim + 6 * cfg.index_head_dim
+    return total * max(element_size, 4)
+
+
+def template_values(args, model_dir: Path) -> dict[str, str]:
+    cuda = args.device == "cuda"
+    return {
+        "model_dir": str(model_dir), "device": args.device, "dtype": args.dtype,
+        "instance_kind": "KIND_GPU" if cuda else "KIND_CPU", "force_cpu_inputs": "no" if cuda else "yes",
+        "max_model_len": str(args.max_model_len), "max_tokens_limit": str(args.max_tokens_limit),
+        "max_batch": str(args.max_batch), "max_sequences": str(args.max_sequences),
+        "tokenizer_instances": str(args.tokenizer_instances), "unary_instances": str(args.unary_instances),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="dsv4-serve", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: the tiny model, made on first use)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--max-model-len", type=int, default=8192, help="longest prompt + output served (tokens)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-batch", type=int, default=64, help="decode batch size cap")
+    p.add_argument("--max-sequences", type=int, default=32, help="requests decode holds at once")
+    p.add_argument("--tokenizer-instances", type=int, default=2)
+    p.add_argument("--unary-instances", type=int, default=4)
+    p.add_argument("--cuda-memory-pool-byte-size", type=int, default=None, help="server CUDA pool for the prefill->decode handoff (default: sized for max-model-len)")
+    p.add_argument("--exit-timeout", type=int, default=30, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--api-key", default=None, help="key for the model-repository and shared-memory APIs (required beyond loopback; generated if omitted)")
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--workdir", type=Path, default=None, help="where the generated model repository and log go")
+    return p.parse_args(argv)
+
+
+def validate(args) -> Path:
+    """Everything checkable before the server starts: checkpoint, config, device."""
+    from dsv4.backend.checkpoint.loader import checkpoint_files
+    from dsv4.backend.config import load_config
+
+    model_dir = args.model.resolve() if args.model else ensure_default_model(default_cache())
+    cfg = load_config(model_dir)
+    checkpoint_files(model_dir)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LaunchError("--device cuda but no CUDA GPU is visible to this process")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.max_model_len = min(args.max_model_len, cfg.max_position_embeddings)
+    for name in ("max_model_len", "max_tokens_limit", "max_batch", "max_sequences", "tokenizer_instances", "unary_instances"):
+        if getattr(args, name) < 1:
+            raise LaunchError(f"--{name.replace('_', '-')} must be >= 1")
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model_dir = validate(args)
+        bundle = TritonBundle.locate()
+    except Exception as exc:
+        print(f"dsv4-serve: {exc}", file=sys.stderr)
+        return 2
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not args.api_key:
+        args.api_key = secrets.token_urlsafe(24)
+        print(f"dsv4-serve: listening beyond loopback; admin APIs need header dsv4-api-key: {args.api_key}", file=sys.stderr)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv4-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    elem = 2 if args.dtype == "bf16" else 4
+    handoff = handoff_bytes(model_dir, args.max_model_len, elem)
+    opts = ServerOptions(
+        host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        exit_timeout_s=args.exit_timeout, shm_bytes=max(16 << 20, 2 * handoff),
+        cuda_pool_bytes=(args.cuda_memory_pool_byte_size or 4 * handoff) if args.device == "cuda" else 0,
+        api_key=None if loopback else args.api_key,
+    )
+    repo = build_repository(work / "models", template_values(args, model_dir))
+    backends = build_backend_dir(work / "backends", bundle)
+    started = time.monotonic()
+    try:
+        server = start_server(repo, backends, bundle, opts, work / "tritonserver.log")
+    except LaunchError as exc:
+        print(f"dsv4-serve: {exc}", file=sys.stderr)
+        return 1
+    stop_signal = {}
+
+    def forward(signum, _frame):
+        stop_signal["sig"] = signum
+        if server.alive():
+            server.proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        waited = wait_ready(server, args.ready_timeout)
+    except LaunchError as exc:
+        print(f"dsv4-serve: the server did not come up: {exc}\n(log: {work / 'tritonserver.log'})", file=sys.stderr)
+        return 1
+    print(_banner(server, model_dir, waited, work), flush=True)
+    code = server.proc.wait()
+    while server.alive():
+        time.sleep(0.2)
+    print(f"dsv4-serve: server stopped (exit code {code}) after {time.monotonic() - started:.0f}s", file=sys.stderr)
+    return 0 if stop_signal else (code or 0)
+
+
+def _banner(server, model_dir: Path, waited: float, work: Path) -> str:
+    http, grpc = server.http_url, server.grpc_url
+    return f"""
+DeepSeek-V4 on Triton is ready ({waited:.1f}s): model {model_dir}
+  HTTP     {http}        (generate: {http}/v2/models/dsv4/generate_stream)
+  gRPC     {grpc}
+  metrics  {server.metrics_url}
+  log      {work / 'tritonserver.log'}
+
+try it:
+  curl -s -X POST {http}/v2/models/dsv4/generate -d '{{"text_input": "Hello", "max_tokens": 16, "temperature": 0}}'
+  dsv4-client --url {grpc} --prompt "Hello" --max-tokens 16 --stream
+Ctrl-C stops the server gracefully.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

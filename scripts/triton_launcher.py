@@ -1,0 +1,229 @@
+"""Start the real `tritonserver` from the nvidia-pytriton wheel on a generated model repository.
+
+Used by `dsv4-serve` and by the end-to-end test fixtures. The Python backend stub embeds one
+Python version and takes its packages from the `python3` first on PATH, so this process's own
+interpreter directory goes first on the server's PATH.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = Path(os.environ.get("DSV4_MODEL_REPOSITORY", REPO_ROOT / "model_repository"))
+
+
+class LaunchError(RuntimeError):
+    """The server could not be started; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TritonBundle:
+    server: Path
+    backend_dir: Path  # holds libtriton_python.so and triton_python_backend_utils.py
+    stub: Path
+    libs: Path | None
+
+    @classmethod
+    def locate(cls) -> TritonBundle:
+        """The binary, Python backend and stub for this Python (env vars override, as on the GPU bundle)."""
+        env = os.environ
+        spec = importlib.util.find_spec("pytriton")
+        root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver" if spec else None
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        server = Path(env["TRITONSERVER"]) if "TRITONSERVER" in env else (root / "bin" / "tritonserver" if root else None)
+        backend = Path(env["TRITON_PYTHON_BACKEND_DIR"]) if "TRITON_PYTHON_BACKEND_DIR" in env else (root / "backends" / "python" if root else None)
+        stub = Path(env["TRITON_BACKEND_STUB"]) if "TRITON_BACKEND_STUB" in env else (root / "python_backend_stubs" / version / "triton_python_backend_stub" if root else None)
+        for what, path in (("tritonserver binary", server), ("Python backend", backend), (f"backend stub for Python {version}", stub)):
+            if path is None or not path.exists():
+                raise LaunchError(f"{what} not found ({path}); install nvidia-pytriton==0.7.0 (make serve does)")
+        libs = root.parent.parent / "nvidia_pytriton.libs" if root else None
+        return cls(server, backend, stub, libs if libs and libs.is_dir() else None)
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def build_repository(out: Path, values: dict[str, str], models: tuple[str, ...] = ("dsv4", "tokenizer", "prefill", "decode", "dsv4_unary")) -> Path:
+    """Copy the model repository templates, filling every `${name}` in the config files."""
+    if out.exists():
+        shutil.rmtree(out)
+    for name in models:
+        shutil.copytree(TEMPLATES / name, out / name, ignore=shutil.ignore_patterns("__pycache__"))
+        config = out / name / "config.pbtxt"
+        text = string.Template(config.read_text()).safe_substitute(values)
+        if "${" in text:
+            missing = sorted({part.split("}")[0] for part in text.split("${")[1:]})
+            raise LaunchError(f"{config}: no value for {missing}")
+        config.write_text(text)
+    return out
+
+
+def build_backend_dir(out: Path, bundle: TritonBundle) -> Path:
+    """backends/python with the library, the utils module and the stub matching this Python."""
+    python = out / "python"
+    if python.exists():
+        shutil.rmtree(python)
+    python.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (python / name).symlink_to(bundle.backend_dir / name)
+    shutil.copy2(bundle.stub, python / "triton_python_backend_stub")
+    return out
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    exit_timeout_s: int = 30
+    shm_bytes: int = 64 << 20
+    cuda_pool_bytes: int = 0
+    api_key: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+def server_command(bundle: TritonBundle, repo: Path, backends: Path, opts: ServerOptions) -> list[str]:
+    cmd = [
+        str(bundle.server), f"--model-repository={repo}", f"--backend-directory={backends}",
+        "--model-control-mode=none", "--strict-readiness=true", "--log-verbose=0",
+        f"--http-address={opts.host}", f"--http-port={opts.http_port}",
+        f"--grpc-address={opts.host}", f"--grpc-port={opts.grpc_port}",
+        f"--metrics-address={opts.host}", f"--metrics-port={opts.metrics_port}",
+        f"--exit-timeout-secs={opts.exit_timeout_s}",
+        f"--backend-config=python,shm-default-byte-size={opts.shm_bytes}",
+        f"--backend-config=python,shm-growth-byte-size={opts.shm_bytes}",
+        "--backend-config=python,stub-timeout-seconds=120",
+    ]
+    if opts.cuda_pool_bytes:
+        cmd.append(f"--cuda-memory-pool-byte-size=0:{opts.cuda_pool_bytes}")
+    if opts.api_key:
+        # beyond loopback: model-repository and shared-memory APIs need the key
+        for api in ("model-repository", "shared-memory"):
+            cmd.append(f"--http-restricted-api={api}:dsv4-api-key={opts.api_key}")
+            cmd.append(f"--grpc-restricted-protocol={api}:dsv4-api-key={opts.api_key}")
+    return cmd + opts.extra_args
+
+
+def server_env(bundle: TritonBundle) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if bundle.libs:
+        env["LD_LIBRARY_PATH"] = f"{bundle.libs}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class RunningServer:
+    """A started tritonserver process; `stop()` sends SIGTERM and waits for the graceful exit."""
+
+    def __init__(self, proc: subprocess.Popen, opts: ServerOptions, log_path: Path):
+        self.proc, self.opts, self.log_path = proc, opts, log_path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_connect_host(self.opts.host)}:{self.opts.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_connect_host(self.opts.host)}:{self.opts.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_connect_host(self.opts.host)}:{self.opts.metrics_port}/metrics"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float | None = None) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout or self.opts.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def start_server(repo: Path, backends: Path, bundle: TritonBundle, opts: ServerOptions, log_path: Path) -> RunningServer:
+    for name, port in (("HTTP", opts.http_port), ("gRPC", opts.grpc_port), ("metrics", opts.metrics_port)):
+        if not port_free(opts.host, port):
+            raise LaunchError(f"{name} port {port} on {opts.host} is already in use; choose another with --{name.lower()}-port")
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(server_command(bundle, repo, backends, opts), stdout=log, stderr=subprocess.STDOUT,
+                            env=server_env(bundle), start_new_session=True)
+    log.close()
+    return RunningServer(proc, opts, log_path)
+
+
+def canary(http_url: str, timeout: float = 30.0) -> dict:
+    """One real one-token generation through the ensemble; raises on any failure."""
+    body = json.dumps({"text_input": "ping", "max_tokens": 1, "temperature": 0.0}).encode()
+    req = urllib.request.Request(f"{http_url}/v2/models/dsv4/generate", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        out = json.loads(resp.read())
+    if out.get("num_output_tokens") != 1:
+        raise RuntimeError(f"canary answered {out}")
+    return out
+
+
+def wait_ready(server: RunningServer, timeout: float) -> float:
+    """Block until a canary inference succeeds; returns seconds waited. Raises LaunchError."""
+    start = time.monotonic()
+    last_error = "no answer yet"
+    while time.monotonic() - start < timeout:
+        if not server.alive():
+            raise LaunchError(f"tritonserver exited with code {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    canary(server.http_url)
+                    return time.monotonic() - start
+        except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
+            last_error = str(exc)
+        time.sleep(0.25)
+    server.stop(5)
+    raise LaunchError(f"server not ready after {timeout:.0f}s ({last_error}):\n{server.log_tail()}")
