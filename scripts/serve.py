@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from dsv4.scripts.triton_launcher import (
-    LaunchError, ServerOptions, TritonBundle, build_backend_dir, build_repository, start_server, wait_ready,
+    LaunchError, RunningServer, ServerOptions, TritonBundle, build_backend_dir, build_repository, start_server, wait_ready,
 )
 
 EPILOG = """examples:
@@ -113,22 +113,12 @@ def validate(args) -> Path:
     return model_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        model_dir = validate(args)
-        bundle = TritonBundle.locate()
-    except Exception as exc:
-        print(f"dsv4-serve: {exc}", file=sys.stderr)
-        return 2
+def launch(args, model_dir: Path, work: Path, bundle: TritonBundle | None = None) -> RunningServer:
+    """Build the repository for `args` and start tritonserver (not yet waited for)."""
+    bundle = bundle or TritonBundle.locate()
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
-    if not loopback and not args.api_key:
-        args.api_key = secrets.token_urlsafe(24)
-        print(f"dsv4-serve: listening beyond loopback; admin APIs need header dsv4-api-key: {args.api_key}", file=sys.stderr)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv4-serve-"))
     work.mkdir(parents=True, exist_ok=True)
-    elem = 2 if args.dtype == "bf16" else 4
-    handoff = handoff_bytes(model_dir, args.max_model_len, elem)
+    handoff = handoff_bytes(model_dir, args.max_model_len, 2 if args.dtype == "bf16" else 4)
     opts = ServerOptions(
         host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         exit_timeout_s=args.exit_timeout, shm_bytes=max(16 << 20, 2 * handoff),
@@ -137,9 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     repo = build_repository(work / "models", template_values(args, model_dir))
     backends = build_backend_dir(work / "backends", bundle)
+    return start_server(repo, backends, bundle, opts, work / "tritonserver.log")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model_dir = validate(args)
+    except Exception as exc:
+        print(f"dsv4-serve: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        args.api_key = secrets.token_urlsafe(24)
+        print(f"dsv4-serve: listening beyond loopback; admin APIs need header dsv4-api-key: {args.api_key}", file=sys.stderr)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="dsv4-serve-"))
     started = time.monotonic()
     try:
-        server = start_server(repo, backends, bundle, opts, work / "tritonserver.log")
+        server = launch(args, model_dir, work)
     except LaunchError as exc:
         print(f"dsv4-serve: {exc}", file=sys.stderr)
         return 1
@@ -159,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(_banner(server, model_dir, waited, work), flush=True)
     code = server.proc.wait()
-    while server.alive():
-        time.sleep(0.2)
     print(f"dsv4-serve: server stopped (exit code {code}) after {time.monotonic() - started:.0f}s", file=sys.stderr)
     return 0 if stop_signal else (code or 0)
 

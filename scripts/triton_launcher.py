@@ -75,7 +75,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
-def build_repository(out: Path, values: dict[str, str], models: tuple[str, ...] = ("dsv4", "tokenizer", "prefill", "decode", "dsv4_unary")) -> Path:
+def build_repository(out: Path, values: dict[str, str], models: tuple[str, ...] = ("dsv4", "tokenizer", "prefill", "decode", "stream_guard", "dsv4_unary")) -> Path:
     """Copy the model repository templates, filling every `${name}` in the config files."""
     if out.exists():
         shutil.rmtree(out)

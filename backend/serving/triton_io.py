@@ -37,11 +37,14 @@ def error_response(pb: Any, code: str, message: str) -> Any:
     return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message, getattr(pb.TritonError, code)))
 
 
-def chunk_tensors(pb: Any, chunk: OutputChunk) -> list[Any]:
-    return [
+def chunk_tensors(pb: Any, chunk: OutputChunk, stream_ref: int | None = None) -> list[Any]:
+    tensors = [
         pb.Tensor("text_output", np.array([chunk.text.encode("utf-8")], dtype=np.object_)),
         pb.Tensor("output_ids", np.asarray(chunk.token_ids, dtype=np.int32)),
         pb.Tensor("finish_reason", np.array([chunk.finish_reason.encode()], dtype=np.object_)),
         pb.Tensor("num_input_tokens", np.array([chunk.num_input_tokens], dtype=np.int32)),
         pb.Tensor("num_output_tokens", np.array([chunk.num_output_tokens], dtype=np.int32)),
     ]
+    if stream_ref is not None:
+        tensors.append(pb.Tensor("stream_ref", np.array([stream_ref], dtype=np.int64)))
+    return tensors

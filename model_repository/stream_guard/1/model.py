@@ -1,0 +1,35 @@
+"""Triton adapter: forwards decode's chunks; on a cancelled request, asks decode to stop that stream."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from dsv4.backend.serving.triton_io import OUTPUT_NAMES
+
+DECODE = "decode"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.cancelled = set()
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            ref = int(pb_utils.get_input_tensor_by_name(request, "stream_ref").as_numpy().reshape(-1)[0])
+            if request.is_cancelled():
+                self._cancel(ref)
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)))
+                continue
+            responses.append(pb_utils.InferenceResponse([pb_utils.get_input_tensor_by_name(request, n) for n in OUTPUT_NAMES]))
+        return responses
+
+    def _cancel(self, ref):
+        if ref in self.cancelled:
+            return
+        self.cancelled.add(ref)
+        if len(self.cancelled) > 100_000:
+            self.cancelled.clear()
+        call = pb_utils.InferenceRequest(model_name=DECODE, requested_output_names=["finish_reason"],
+                                         inputs=[pb_utils.Tensor("cancel_stream", np.array([ref], dtype=np.int64))])
+        for _ in call.exec(decoupled=True):
+            pass
