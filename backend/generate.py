@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_cache.allocator import SimpleAllocator, pool_sizes_for
+from .kv_cache.paged_cache import PagedCache
 from .kv_cache.storage import KVStorage, SequenceState
 from .model.transformer import Transformer
 from .sampler import SamplingParams, make_generator, sample
@@ -69,8 +69,9 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams, 
     if total > model.cfg.max_position_embeddings:
         raise ValueError(f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds the model's "
                          f"{model.cfg.max_position_embeddings} positions")
-    storage = KVStorage(model.cfg, pool_sizes_for(1, total), model.dtype, model.device)
-    seq = SimpleAllocator(storage).new_sequence(total)
+    cache = PagedCache.for_requests(model.cfg, model.dtype, model.device, 1, total)
+    seq = cache.admit("generate", total)
+    storage = cache.storage
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=model.device)
     logits = prefill_prompt(model, storage, seq, prompt, chunk, all_logits=keep_prompt_logits)
     seed = resolve_seed(params.seed)

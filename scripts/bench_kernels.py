@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-queries", type=int, default=1024, help="query tokens of the sparse-prefill chunk (default 1024)")
     p.add_argument("--out", default=None, help="append the markdown table to this file (e.g. docs/PERFORMANCE.md)")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit (no GPU needed)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of the table of ops, time launch-config variants of sparse_decode (CSA and HCA) and "
+                        "indexer_topk (FP8) at every --models x --batches x --contexts")
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -133,6 +136,28 @@ def execute(run: Run, args: argparse.Namespace) -> list:
         torch.cuda.empty_cache()
 
 
+def sweep_rows(args: argparse.Namespace) -> list:
+    from dsv4.kernels.benchmarking import MODELS
+    from dsv4.kernels.indexer_topk.bench import sweep as indexer_sweep
+    from dsv4.kernels.sparse_decode.bench import sweep as decode_sweep
+
+    rows = []
+    for name in args.models:
+        for b in args.batches:
+            for c in args.contexts:
+                for got in (decode_sweep(MODELS[name], b, c, "csa"), decode_sweep(MODELS[name], b, c, "hca"),
+                            indexer_sweep(MODELS[name], b, c)):
+                    _print_rows(got)
+                    rows += got
+    return rows
+
+
+def _print_rows(rows: list) -> None:
+    for r in rows:
+        us = "-" if r.us is None else f"{r.us:.1f} us"
+        print(f"{r.op:28s} {r.config:60s} {us:>12s}  {r.note}", flush=True)
+
+
 def header(meta: dict, ceil) -> str:
     lines = [
         f"### Kernel benchmark, {meta['date']}",
@@ -140,7 +165,9 @@ def header(meta: dict, ceil) -> str:
         f"- GPU: {ceil.device_name}; torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
         f"- measured ceilings: copy {ceil.hbm_gbps:.0f} GB/s (read + write), bf16 matmul {ceil.bf16_tflops:.0f} TFLOP/s",
         "- roofline = max(bytes / copy bandwidth, FLOPs / bf16 rate) over the measured time; "
-        "torch ref = plain-PyTorch implementation of the same op, timed the same way",
+        "torch ref = plain-PyTorch implementation of the same op",
+        "- µs: median of CUDA-graph replays for the decode-step ops (device time, no Python launch overhead; "
+        "the torch ref too where it can be captured), triton do_bench for the prefill ops",
         f"- command: `{meta['command']}`",
         "",
     ]
@@ -181,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ceil = measure_ceilings()
     print(f"ceilings: copy {ceil.hbm_gbps:.0f} GB/s, bf16 {ceil.bf16_tflops:.0f} TFLOP/s on {ceil.device_name}", flush=True)
     rows = []
+    if args.sweep:
+        runs = []
+        rows = sweep_rows(args)
     for run in runs:
         try:
             got = execute(run, args)
@@ -189,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             from dsv4.kernels.benchmarking import BenchRow
 
             got = [BenchRow(run.op, run.label(), None, note=f"error: {type(e).__name__}: {e}"[:200])]
-        for r in got:
-            us = "-" if r.us is None else f"{r.us:.1f} us"
-            print(f"{r.op:28s} {r.config:40s} {us:>12s}  {r.note}", flush=True)
+        _print_rows(got)
         rows += got
     report = header(_meta(argv), ceil) + markdown_table(rows, ceil) + "\n"
     print()

@@ -64,7 +64,9 @@ def template_values(args, model_dir: Path) -> dict[str, str]:
         "model_dir": str(model_dir), "device": args.device, "dtype": args.dtype,
         "instance_kind": "KIND_GPU" if cuda else "KIND_CPU", "force_cpu_inputs": "no" if cuda else "yes",
         "max_model_len": str(args.max_model_len), "max_tokens_limit": str(args.max_tokens_limit),
-        "max_batch": str(args.max_batch), "max_sequences": str(args.max_sequences),
+        "max_batch": str(args.max_batch), "max_sequences": str(args.max_sequences), "max_waiting": str(args.max_waiting),
+        "kv_cache_bytes": str(int(args.kv_cache_gib * (1 << 30))), "prefix_cache_bytes": str(int(args.prefix_cache_gib * (1 << 30))),
+        "snapshot_interval": str(args.snapshot_interval), "decode_cpu_threads": str(args.decode_cpu_threads),
         "tokenizer_instances": str(args.tokenizer_instances), "unary_instances": str(args.unary_instances),
     }
 
@@ -82,6 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-batch", type=int, default=64, help="decode batch size cap")
     p.add_argument("--max-sequences", type=int, default=32, help="requests decode holds at once")
+    p.add_argument("--max-waiting", type=int, default=256, help="requests queued for KV room before UNAVAILABLE")
+    p.add_argument("--kv-cache-gib", type=float, default=0.5, help="decode's KV pool (requests reserve prompt + max_tokens)")
+    p.add_argument("--prefix-cache-gib", type=float, default=0.25, help="prefill's pool: the running prompt plus cached prefixes")
+    p.add_argument("--snapshot-interval", type=int, default=0, help="also keep prefix-cache resume points every N 256-token blocks")
+    p.add_argument("--decode-cpu-threads", type=int, default=1, help="torch threads of the decode stage on --device cpu")
     p.add_argument("--tokenizer-instances", type=int, default=2)
     p.add_argument("--unary-instances", type=int, default=4)
     p.add_argument("--cuda-memory-pool-byte-size", type=int, default=None, help="server CUDA pool for the prefill->decode handoff (default: sized for max-model-len)")
@@ -107,7 +114,8 @@ def validate(args) -> Path:
             raise LaunchError("--device cuda but no CUDA GPU is visible to this process")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.max_model_len = min(args.max_model_len, cfg.max_position_embeddings)
-    for name in ("max_model_len", "max_tokens_limit", "max_batch", "max_sequences", "tokenizer_instances", "unary_instances"):
+    for name in ("max_model_len", "max_tokens_limit", "max_batch", "max_sequences", "max_waiting", "tokenizer_instances",
+                 "unary_instances"):
         if getattr(args, name) < 1:
             raise LaunchError(f"--{name.replace('_', '-')} must be >= 1")
     return model_dir
@@ -147,22 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"dsv4-serve: {exc}", file=sys.stderr)
         return 1
-    stop_signal = {}
-
-    def forward(signum, _frame):
-        stop_signal["sig"] = signum
-        if server.alive():
-            server.proc.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    stop_signal: dict[str, int] = {}
+    signal.signal(signal.SIGINT, lambda signum, _frame: stop_signal.setdefault("sig", signum))
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stop_signal.setdefault("sig", signum))
     try:
-        waited = wait_ready(server, args.ready_timeout)
+        waited = wait_ready(server, args.ready_timeout, stop_signal)
     except LaunchError as exc:
+        server.stop(5)
         print(f"dsv4-serve: the server did not come up: {exc}\n(log: {work / 'tritonserver.log'})", file=sys.stderr)
         return 1
-    print(_banner(server, model_dir, waited, work), flush=True)
-    code = server.proc.wait()
+    if not stop_signal:
+        print(_banner(server, model_dir, waited, work), flush=True)
+    while server.alive() and not stop_signal:
+        time.sleep(0.2)
+    if stop_signal:
+        print("dsv4-serve: stopping: draining streams, then shutting the server down", file=sys.stderr, flush=True)
+    code = server.stop()
     print(f"dsv4-serve: server stopped (exit code {code}) after {time.monotonic() - started:.0f}s", file=sys.stderr)
     return 0 if stop_signal else (code or 0)
 

@@ -173,8 +173,14 @@ class RunningServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def drain(self, grace_s: float) -> bool:
+        """Ask decode to stop admitting and to finish (or cut) its streams within `grace_s`."""
+        return drain_decode(self.grpc_url, grace_s)
+
     def stop(self, timeout: float | None = None) -> int:
+        """Drain decode, then SIGTERM: in-flight streams end cleanly before Triton's exit timeout."""
         if self.alive():
+            self.drain(max(1.0, self.opts.exit_timeout_s - 10))
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout or self.opts.exit_timeout_s + 15)
@@ -182,6 +188,28 @@ class RunningServer:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def drain_decode(grpc_url: str, grace_s: float) -> bool:
+    """Send decode's `drain` control over a gRPC stream and wait for its final answer."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    done: queue.Queue = queue.Queue()
+    try:
+        client = grpcclient.InferenceServerClient(grpc_url)
+        control = grpcclient.InferInput("control", [1], "BYTES")
+        control.set_data_from_numpy(np.array([f"drain:{grace_s:.1f}".encode()], dtype=np.object_))
+        client.start_stream(callback=lambda result, error: done.put(error))
+        client.async_stream_infer("decode", [control], enable_empty_final_response=True)
+        error = done.get(timeout=grace_s + 10)
+        client.stop_stream()
+        client.close()
+        return error is None
+    except Exception:  # the server may already be gone; SIGTERM follows either way
+        return False
 
 
 def _connect_host(host: str) -> str:
@@ -210,11 +238,11 @@ def canary(http_url: str, timeout: float = 30.0) -> dict:
     return out
 
 
-def wait_ready(server: RunningServer, timeout: float) -> float:
+def wait_ready(server: RunningServer, timeout: float, interrupted: dict | None = None) -> float:
     """Block until a canary inference succeeds; returns seconds waited. Raises LaunchError."""
     start = time.monotonic()
     last_error = "no answer yet"
-    while time.monotonic() - start < timeout:
+    while time.monotonic() - start < timeout and not (interrupted and interrupted.get("sig")):
         if not server.alive():
             raise LaunchError(f"tritonserver exited with code {server.proc.returncode}:\n{server.log_tail()}")
         try:
@@ -225,5 +253,7 @@ def wait_ready(server: RunningServer, timeout: float) -> float:
         except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
             last_error = str(exc)
         time.sleep(0.25)
+    if interrupted and interrupted.get("sig"):
+        return time.monotonic() - start
     server.stop(5)
     raise LaunchError(f"server not ready after {timeout:.0f}s ({last_error}):\n{server.log_tail()}")

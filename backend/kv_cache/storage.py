@@ -14,7 +14,6 @@ import torch
 from ..config import CSA, HCA, ModelConfig
 
 BLOCK_POSITIONS = 256
-KINDS = ("swa", "csa_kv", "csa_index", "hca_kv", "state")
 
 
 def entries_per_block(rate: int) -> int:
@@ -46,27 +45,19 @@ def store_entries(pool: torch.Tensor, blocks: list[int], first: int, entries: to
 
 @dataclass(slots=True)
 class SequenceState:
-    """Everything one request owns in the cache: its position and its block tables.
+    """What the model reads of one request: its position and its block ids per cache kind.
 
-    `position` counts tokens already written (the next token's position). Tables are
-    append-only while the request lives; the data sits in `KVStorage` pages.
+    `position` counts tokens already written (the next token's position). The tables are the
+    manager's (reserved up front for every position the request may reach) and never change
+    while the request lives; the data sits in `KVStorage` pages.
     """
 
     ring_block: int
     state_block: int
     position: int = 0
     csa_blocks: list[int] = field(default_factory=list)
+    csa_index_blocks: list[int] = field(default_factory=list)
     hca_blocks: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class PoolSizes:
-    """Number of blocks per kind (block 0 included)."""
-
-    swa: int
-    state: int
-    csa: int
-    hca: int
 
 
 class KVStorage:
@@ -77,7 +68,8 @@ class KVStorage:
     rows (running max, sum of exponentials, weighted sum).
     """
 
-    def __init__(self, cfg: ModelConfig, sizes: PoolSizes, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    # zero-filled: a masked slot still enters the weighted sum as 0 * value, which must not be NaN
+    def __init__(self, cfg: ModelConfig, sizes: dict[str, int], dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.sizes = sizes
         self.dtype = dtype
@@ -85,20 +77,20 @@ class KVStorage:
         c, ci, w = cfg.head_dim, cfg.index_head_dim, cfg.window
         self.csa_entries = entries_per_block(cfg.csa_rate)
         self.hca_entries = entries_per_block(cfg.hca_rate)
-        self.ring = [self._empty(sizes.swa, w, c) for _ in range(cfg.num_layers)]
+        self.ring = [self._empty(sizes["swa"], w, c) for _ in range(cfg.num_layers)]
         self.comp: dict[int, torch.Tensor] = {}
         self.index: dict[int, torch.Tensor] = {}
         self.acc: dict[int, torch.Tensor] = {}
         self.index_acc: dict[int, torch.Tensor] = {}
         for layer, kind in enumerate(cfg.layer_types):
             if kind == CSA:
-                self.comp[layer] = self._empty(sizes.csa, self.csa_entries, c)
-                self.index[layer] = self._empty(sizes.csa, self.csa_entries, ci)
-                self.acc[layer] = torch.zeros(sizes.state, 2, 3, c, dtype=torch.float32, device=self.device)
-                self.index_acc[layer] = torch.zeros(sizes.state, 2, 3, ci, dtype=torch.float32, device=self.device)
+                self.comp[layer] = self._empty(sizes["csa_kv"], self.csa_entries, c)
+                self.index[layer] = self._empty(sizes["csa_index"], self.csa_entries, ci)
+                self.acc[layer] = torch.zeros(sizes["state"], 2, 3, c, dtype=torch.float32, device=self.device)
+                self.index_acc[layer] = torch.zeros(sizes["state"], 2, 3, ci, dtype=torch.float32, device=self.device)
             elif kind == HCA:
-                self.comp[layer] = self._empty(sizes.hca, self.hca_entries, c)
-                self.acc[layer] = torch.zeros(sizes.state, 1, 3, c, dtype=torch.float32, device=self.device)
+                self.comp[layer] = self._empty(sizes["hca_kv"], self.hca_entries, c)
+                self.acc[layer] = torch.zeros(sizes["state"], 1, 3, c, dtype=torch.float32, device=self.device)
 
     def _empty(self, blocks: int, entries: int, dim: int) -> torch.Tensor:
         return torch.zeros(blocks, entries, dim, dtype=self.dtype, device=self.device)

@@ -125,9 +125,11 @@ class Attention(nn.Module):
 
         comp_keys = picks = None
         if self.compressor is not None:
-            comp_keys = self._compress_prefill(self.compressor, x, positions, seq, kv_store, kv_store.comp, kv_store.acc)
+            comp_keys = self._compress_prefill(self.compressor, x, positions, seq, kv_store.comp, kv_store.acc,
+                                               kv_store.comp_blocks(seq, self.layer))
         if self.indexer is not None:
-            idx_keys = self._compress_prefill(self.indexer.compressor, x, positions, seq, kv_store, kv_store.index, kv_store.index_acc)
+            idx_keys = self._compress_prefill(self.indexer.compressor, x, positions, seq, kv_store.index,
+                                              kv_store.index_acc, seq.csa_index_blocks)
             iq, iw = self.indexer.queries(c_q, x, cos, sin)
             scores = index_scores(iq, iw, idx_keys, self.indexer.dim)
             picks = select_topk(scores, (positions + 1) // self.rate, self.indexer.topk)
@@ -147,13 +149,12 @@ class Attention(nn.Module):
             out[lo:hi] = attend(q[lo:hi], groups, self.attn_sink, self.scale)
         return self._output(out, cos, sin)
 
-    def _compress_prefill(self, comp: Compressor, x, positions, seq, kv_store, pools, accs) -> torch.Tensor:
+    def _compress_prefill(self, comp: Compressor, x, positions, seq, pools, accs, blocks: list[int]) -> torch.Tensor:
         """Advance one compressor over the chunk, store emitted entries; return all entries so far."""
         a, z = comp.project(x, positions)
         state = accs[self.layer][seq.state_block]
         emitted = compress_chunk(a, z, seq.position, comp.rate, state, comp.overlap)
         state.copy_(emitted.state)
-        blocks = kv_store.comp_blocks(seq, self.layer)
         n_new = emitted.pooled.shape[0]
         if n_new:
             anchors = (torch.arange(n_new, device=x.device) + emitted.first_entry) * comp.rate
@@ -176,9 +177,10 @@ class Attention(nn.Module):
         groups = [KeyGroup(ring_pool[ring_blocks].to(q.dtype), slot_pos >= 0)]
 
         if self.compressor is not None:
-            counts = self._compress_decode(self.compressor, x, positions, seqs, kv_store, kv_store.comp, kv_store.acc)
+            main_tables = [kv_store.comp_blocks(s, self.layer) for s in seqs]
+            counts = self._compress_decode(self.compressor, x, positions, seqs, kv_store.comp, kv_store.acc, main_tables)
             pool = kv_store.comp[self.layer]
-            entries = [gather_entries(pool, kv_store.comp_blocks(s, self.layer), n) for s, n in zip(seqs, counts)]
+            entries = [gather_entries(pool, t, n) for t, n in zip(main_tables, counts)]
             if self.indexer is None:
                 keys, visible = _pad_stack(entries, self.cfg.head_dim, q)
                 groups.append(KeyGroup(keys, visible))
@@ -190,7 +192,7 @@ class Attention(nn.Module):
         out = attend(q, groups, self.attn_sink, self.scale)
         return self._output(out, cos, sin)
 
-    def _compress_decode(self, comp: Compressor, x, positions, seqs, kv_store, pools, accs) -> list[int]:
+    def _compress_decode(self, comp: Compressor, x, positions, seqs, pools, accs, tables: list[list[int]]) -> list[int]:
         a, z = comp.project(x, positions)
         state_blocks = torch.tensor([s.state_block for s in seqs], device=x.device)
         acc = accs[self.layer]
@@ -201,15 +203,15 @@ class Attention(nn.Module):
             anchors = positions[rows] + 1 - comp.rate
             entries = comp.finish(result.pooled[rows], anchors, self.inv_freq)
             for i, b in enumerate(rows):
-                blocks = kv_store.comp_blocks(seqs[b], self.layer)
-                store_entries(pools[self.layer], blocks, int(positions[b] + 1) // comp.rate - 1, entries[i : i + 1])
+                store_entries(pools[self.layer], tables[b], int(positions[b] + 1) // comp.rate - 1, entries[i : i + 1])
         return [int(p + 1) // comp.rate for p in positions]
 
     def _select_decode(self, x, c_q, cos, sin, positions, seqs, kv_store) -> torch.Tensor:
         """Indexer picks per request [B, min(k, max entries)], -1 where a request has fewer."""
-        counts = self._compress_decode(self.indexer.compressor, x, positions, seqs, kv_store, kv_store.index, kv_store.index_acc)
+        tables = [s.csa_index_blocks for s in seqs]
+        counts = self._compress_decode(self.indexer.compressor, x, positions, seqs, kv_store.index, kv_store.index_acc, tables)
         pool = kv_store.index[self.layer]
-        keys = [gather_entries(pool, kv_store.comp_blocks(s, self.layer), n) for s, n in zip(seqs, counts)]
+        keys = [gather_entries(pool, t, n) for t, n in zip(tables, counts)]
         padded, _ = _pad_stack(keys, self.indexer.dim, x.float())
         iq, iw = self.indexer.queries(c_q, x, cos, sin)
         scores = index_scores(iq, iw, padded, self.indexer.dim)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generate import sample_tokens
-from ..kv_cache.allocator import OutOfBlocks, SimpleAllocator
-from ..kv_cache.storage import KVStorage, SequenceState
+from ..kv_cache.paged_cache import PagedCache
+from ..kv_cache.storage import SequenceState
 from ..model.transformer import Transformer
 from ..tokenizer import TextCodec
 from .handoff import StateHeader, import_state
@@ -27,7 +28,9 @@ from .text_state import OutputChunk, TextState
 
 log = logging.getLogger(__name__)
 
-NO_ROOM_MESSAGE = "the decode stage has no KV-cache room for this request; retry later"
+NO_ROOM_MESSAGE = "server is full: the decode queue is at its limit; try again later"
+SHUTDOWN_MESSAGE = "server is shutting down; try again later"
+TOO_BIG_MESSAGE = "the request needs more KV cache than the decode pool holds (raise --kv-cache-gib or lower max_tokens)"
 EngineError = tuple[str, str]  # (Triton error code name, message)
 Sink = Callable[[int, OutputChunk | None, EngineError | None], None]
 
@@ -56,8 +59,6 @@ class Active:
 
 @dataclass
 class EngineStats:
-    active: int = 0
-    waiting: int = 0
     steps: int = 0
     finished: int = 0
     cancelled: int = 0
@@ -66,18 +67,23 @@ class EngineStats:
 
 
 class DecodeEngine:
-    def __init__(self, model: Transformer, storage: KVStorage, codec: TextCodec, sink: Sink, max_batch: int = 64):
-        self.model, self.storage, self.codec, self.sink = model, storage, codec, sink
-        self.alloc = SimpleAllocator(storage)
-        self.max_batch = max_batch
+    def __init__(self, model: Transformer, cache: PagedCache, codec: TextCodec, sink: Sink, max_batch: int = 64,
+                 max_waiting: int = 256):
+        self.model, self.cache, self.codec, self.sink = model, cache, codec, sink
+        self.storage = cache.storage
+        self.max_batch, self.max_waiting = max_batch, max_waiting
         self.eos = frozenset(model.cfg.eos_token_ids)
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
+        # admitted in arrival order once the pools can hold them; beyond max_waiting: UNAVAILABLE
+        self.waiting: deque[Arrival] = deque()
         self.active: dict[int, Active] = {}
         self.cancel_requests: set[int] = set()
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._drain_deadline: float | None = None
+        self.drained = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dsv4-decode-loop", daemon=True)
 
     def start(self) -> None:
@@ -92,6 +98,15 @@ class DecodeEngine:
             self.cancel_requests.add(rid)
         self._wake.set()
 
+    def drain(self, grace_s: float) -> threading.Event:
+        """Stop admitting; let active requests finish for `grace_s`, then end them with an error.
+
+        Returns an event set once nothing is active or waiting.
+        """
+        self._drain_deadline = time.monotonic() + grace_s
+        self._wake.set()
+        return self.drained
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
@@ -104,6 +119,8 @@ class DecodeEngine:
         while not self._stop.is_set():
             self._admit()
             self._apply_cancels()
+            if self._drain_deadline is not None:
+                self._drain_step()
             if not self.active:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -116,31 +133,60 @@ class DecodeEngine:
                     self._finish(rid, None, ("INTERNAL", f"decode step failed: {exc}"))
         for rid in list(self.active):
             self._finish(rid, self.active[rid].text.cancel(), None)
+        for arrival in self.waiting:
+            self.sink(arrival.rid, None, ("UNAVAILABLE", "server is stopping"))
+        self.waiting.clear()
+
+    def _drain_step(self) -> None:
+        for arrival in self.waiting:
+            self.sink(arrival.rid, None, ("UNAVAILABLE", SHUTDOWN_MESSAGE))
+        self.waiting.clear()
+        if time.monotonic() >= self._drain_deadline:
+            for rid in list(self.active):
+                self._finish(rid, None, ("UNAVAILABLE", f"{SHUTDOWN_MESSAGE} (the stream was cut short)"))
+        if not self.active and self.arrivals.empty():
+            self.drained.set()
+
+    def waiting_requests(self) -> int:
+        return len(self.waiting) + self.arrivals.qsize()
 
     def _admit(self) -> None:
         while True:
             try:
                 arrival = self.arrivals.get_nowait()
             except queue.Empty:
-                return
-            config = arrival.config
-            total = config.num_input_tokens + config.max_tokens
-            try:
-                seq = self.alloc.new_sequence(total)
-            except OutOfBlocks:
+                break
+            if self._drain_deadline is not None:
+                self.sink(arrival.rid, None, ("UNAVAILABLE", SHUTDOWN_MESSAGE))
+            elif len(self.waiting) >= self.max_waiting:
                 self.sink(arrival.rid, None, ("UNAVAILABLE", NO_ROOM_MESSAGE))
-                continue
-            try:
-                import_state(self.storage, seq, arrival.header, arrival.payload)
-            except Exception as exc:
-                self.alloc.release(seq)
-                self.sink(arrival.rid, None, ("INTERNAL", f"could not import the request's cache state: {exc}"))
-                continue
-            text = TextState(config, self.codec, self.eos)
-            entry = Active(arrival.rid, config, seq, text, arrival.first_token)
-            self.active[arrival.rid] = entry
-            self.stats.prompt_tokens += config.num_input_tokens
-            self._accept(entry, arrival.first_token)
+            else:
+                self.waiting.append(arrival)
+        while self.waiting:
+            arrival = self.waiting[0]
+            total = arrival.config.num_input_tokens + arrival.config.max_tokens
+            if not self.cache.can_admit(total):
+                if not self.active:  # nothing will ever free room for it
+                    self.waiting.popleft()
+                    self.sink(arrival.rid, None, ("UNAVAILABLE", TOO_BIG_MESSAGE))
+                    continue
+                return
+            self.waiting.popleft()
+            self._start(arrival, total)
+
+    def _start(self, arrival: Arrival, total: int) -> None:
+        seq = self.cache.admit(str(arrival.rid), total)
+        try:
+            import_state(self.storage, seq, arrival.header, arrival.payload)
+        except Exception as exc:
+            self.cache.release(str(arrival.rid))
+            self.sink(arrival.rid, None, ("INTERNAL", f"could not import the request's cache state: {exc}"))
+            return
+        config = arrival.config
+        entry = Active(arrival.rid, config, seq, TextState(config, self.codec, self.eos), arrival.first_token)
+        self.active[arrival.rid] = entry
+        self.stats.prompt_tokens += config.num_input_tokens
+        self._accept(entry, arrival.first_token)
 
     def _apply_cancels(self) -> None:
         with self._lock:
@@ -149,6 +195,12 @@ class DecodeEngine:
             if rid in self.active:
                 self.stats.cancelled += 1
                 self._finish(rid, self.active[rid].text.cancel(), None)
+                continue
+            waiting = next((a for a in self.waiting if a.rid == rid), None)
+            if waiting is not None:
+                self.waiting.remove(waiting)
+                self.stats.cancelled += 1
+                self.sink(rid, OutputChunk("", [], "cancelled", waiting.config.num_input_tokens, 0), None)
 
     def _accept(self, entry: Active, token: int) -> None:
         chunk = entry.text.push(token)
@@ -174,7 +226,7 @@ class DecodeEngine:
     def _finish(self, rid: int, chunk: OutputChunk | None, error: EngineError | None) -> None:
         entry = self.active.pop(rid, None)
         if entry is not None:
-            self.alloc.release(entry.seq)
+            self.cache.release(str(rid))
             self.stats.finished += 1
             self.stats.generation_tokens += len(entry.text.generated)
         self.sink(rid, chunk, error)

@@ -61,13 +61,17 @@ def _pool(storage: KVStorage, what: str, layer: int) -> torch.Tensor:
             "index": storage.index.get(layer), "index_acc": storage.index_acc.get(layer)}[what]
 
 
+def _table(storage: KVStorage, seq: SequenceState, what: str, layer: int) -> list[int]:
+    return seq.csa_index_blocks if what == "index" else storage.comp_blocks(seq, layer)
+
+
 def _read(storage: KVStorage, seq: SequenceState, what: str, layer: int, position: int) -> torch.Tensor:
     pool = _pool(storage, what, layer)
     if what == "ring":
         return pool[seq.ring_block]
     if what in ("acc", "index_acc"):
         return pool[seq.state_block]
-    return gather_entries(pool, storage.comp_blocks(seq, layer), position // storage.cfg.compress_rate(layer))
+    return gather_entries(pool, _table(storage, seq, what, layer), position // storage.cfg.compress_rate(layer))
 
 
 def _write(storage: KVStorage, seq: SequenceState, what: str, layer: int, value: torch.Tensor) -> None:
@@ -77,7 +81,7 @@ def _write(storage: KVStorage, seq: SequenceState, what: str, layer: int, value:
     elif what in ("acc", "index_acc"):
         pool[seq.state_block].copy_(value)
     else:
-        store_entries(pool, storage.comp_blocks(seq, layer), 0, value)
+        store_entries(pool, _table(storage, seq, what, layer), 0, value)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

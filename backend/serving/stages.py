@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,9 @@ import torch
 from ..checkpoint.loader import load_model
 from ..config import load_config
 from ..generate import prefill_prompt, resolve_seed, sample_tokens
-from ..kv_cache.allocator import SimpleAllocator, pool_sizes_for
-from ..kv_cache.storage import KVStorage
+from ..kv_cache.layout import BLOCK_TOKENS
+from ..kv_cache.manager import chain_hashes, snapshot_boundaries
+from ..kv_cache.paged_cache import PagedCache
 from ..tokenizer import TextCodec
 from .handoff import StateHeader, export_state
 from .request import RequestConfig, RequestError, ServingLimits, check_prompt_length, parse_request
@@ -41,24 +42,54 @@ class TokenizerStage:
         return np.asarray(ids, dtype=np.int32), config.to_json()
 
 
-class PrefillStage:
-    """Runs prompts through its own model copy and exports each request's cache state."""
+@dataclass
+class PrefillStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    computed_tokens: int = 0  # prompt tokens actually run (the rest came from the prefix cache)
 
-    def __init__(self, model_dir: str | Path, device: str, dtype: torch.dtype, max_prompt_tokens: int):
+
+class PrefillStage:
+    """Runs prompts through its own model copy and exports each request's cache state.
+
+    Prefix caching: full 256-token blocks of every prompt stay cached (LRU) after the request
+    leaves; the window ring and compressor state are kept at cache points (the last block
+    boundary of each prompt, and every `snapshot_interval` blocks), so a later prompt with the
+    same prefix resumes at that boundary with exactly the state a cold run had there.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str, dtype: torch.dtype, max_model_len: int,
+                 cache_bytes: int, snapshot_slots: int = 64, snapshot_interval: int = 0):
         self.model = load_model(model_dir, dtype=dtype, device=device, progress=False)
-        self.storage = KVStorage(self.model.cfg, pool_sizes_for(1, max_prompt_tokens + 1), dtype, device)
-        self.alloc = SimpleAllocator(self.storage)
+        self.cache = PagedCache.from_budget(self.model.cfg, dtype, device, cache_bytes, max_model_len,
+                                            max_num_seqs=1, snapshots=snapshot_slots)
+        self.snapshot_interval = snapshot_interval
         self.eos = sorted(self.model.cfg.eos_token_ids)
+        self.stats = PrefillStats()
+        self._ids = 0
 
     def run(self, input_ids: np.ndarray, config: RequestConfig) -> tuple[int, StateHeader, torch.Tensor]:
         """-> (first token, header, payload); the payload lives on the model's device."""
-        seq = self.alloc.new_sequence(len(input_ids))
+        ids = [int(t) for t in np.asarray(input_ids).reshape(-1)]
+        self._ids += 1
+        rid = f"prefill-{self._ids}"
+        hashes = chain_hashes(ids)
+        seq = self.cache.admit(rid, len(ids), hashes, prompt_len=len(ids))
         try:
-            prompt = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=self.model.device)
-            logits = prefill_prompt(self.model, self.storage, seq, prompt)
+            start = seq.position
+            self.stats.requests += 1
+            self.stats.prompt_tokens += len(ids)
+            self.stats.computed_tokens += len(ids) - start
+            prompt = torch.as_tensor(ids, dtype=torch.long, device=self.model.device)
+            stops = [b * BLOCK_TOKENS for b in snapshot_boundaries(len(ids), self.snapshot_interval) if b * BLOCK_TOKENS > start]
+            for end in [*stops, len(ids)]:
+                logits = prefill_prompt(self.model, self.cache.storage, seq, prompt[seq.position:end])
+                if end < len(ids):
+                    self.cache.save_snapshot(rid, hashes)
+            self.cache.publish(rid, hashes)
             banned = [self.eos] if config.min_tokens > 0 else None
             token = int(sample_tokens(logits, [config.sampling()], [config.seed], [0], banned)[0])
-            header, payload = export_state(self.storage, seq)
+            header, payload = export_state(self.cache.storage, seq)
         finally:
-            self.alloc.release(seq)
+            self.cache.release(rid)
         return token, header, payload

@@ -7,6 +7,7 @@ inside the backend stub, so nothing here imports it.
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
 import numpy as np
@@ -48,3 +49,15 @@ def chunk_tensors(pb: Any, chunk: OutputChunk, stream_ref: int | None = None) ->
     if stream_ref is not None:
         tensors.append(pb.Tensor("stream_ref", np.array([stream_ref], dtype=np.int64)))
     return tensors
+
+
+def watch_parent(parent_pid: int, stub_pid: int) -> subprocess.Popen:
+    """A shell that kills this stub if tritonserver dies first.
+
+    A stub whose server is gone can hang forever inside an IPC call that holds the GIL (seen with
+    custom-metric updates), so the guard must live outside this Python process.
+    """
+    script = (f"while kill -0 {parent_pid} 2>/dev/null; do kill -0 {stub_pid} 2>/dev/null || exit 0; sleep 1; done; "
+              f"kill -9 {stub_pid} 2>/dev/null")
+    return subprocess.Popen(["/bin/sh", "-c", script], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

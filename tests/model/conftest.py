@@ -3,8 +3,7 @@ import torch
 
 from dsv4.backend.checkpoint.loader import load_model
 from dsv4.backend.generate import prefill_prompt
-from dsv4.backend.kv_cache.allocator import SimpleAllocator, pool_sizes_for
-from dsv4.backend.kv_cache.storage import KVStorage
+from dsv4.backend.kv_cache.paged_cache import PagedCache
 
 from .oracle import CONFIG_A, CONFIG_B, build_hf, save_hf
 
@@ -27,15 +26,17 @@ class Runner:
     """Our model plus a cache big enough for a few sequences."""
 
     def __init__(self, model, max_seqs: int = 8, max_positions: int = 1024):
-        self.model = model
-        self.storage = KVStorage(model.cfg, pool_sizes_for(max_seqs, max_positions), model.dtype)
-        self.alloc = SimpleAllocator(self.storage)
+        self.model, self.max_seqs, self.max_positions = model, max_seqs, max_positions
+        self.reset()
 
     def new(self, positions: int = 1024):
-        return self.alloc.new_sequence(positions)
+        self.count += 1
+        return self.cache.admit(str(self.count), positions)
 
     def reset(self) -> None:
-        self.alloc = SimpleAllocator(self.storage)
+        self.cache = PagedCache.for_requests(self.model.cfg, self.model.dtype, "cpu", self.max_seqs, self.max_positions)
+        self.storage = self.cache.storage
+        self.count = 0
 
     def full(self, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         return prefill_prompt(self.model, self.storage, self.new(), ids, chunk=chunk, all_logits=True)

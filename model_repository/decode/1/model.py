@@ -6,6 +6,7 @@ IPC (`send`, `is_cancelled`, metrics), so the engine never waits on a client.
 """
 
 import itertools
+import os
 import queue
 import random
 import threading
@@ -15,12 +16,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from dsv4.backend.checkpoint.loader import load_model
-from dsv4.backend.kv_cache.allocator import pool_sizes_for
-from dsv4.backend.kv_cache.storage import KVStorage
+from dsv4.backend.kv_cache.paged_cache import PagedCache
 from dsv4.backend.serving.decode_engine import Arrival, DecodeEngine
 from dsv4.backend.serving.handoff import StateHeader
 from dsv4.backend.serving.request import RequestConfig
-from dsv4.backend.serving.triton_io import chunk_tensors, error_response, model_parameters
+from dsv4.backend.serving.triton_io import chunk_tensors, error_response, model_parameters, watch_parent
 from dsv4.backend.tokenizer import TextCodec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -42,11 +42,17 @@ class TritonPythonModel:
         if device == "cuda":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         dtype = DTYPES[params["dtype"]]
+        if device == "cpu":
+            # one thread: a tiny decode step is overhead-bound, and the other core is left for the
+            # stages and IPC that carry tokens out and cancellations in
+            torch.set_num_threads(int(params["cpu_threads"]))
         self.device = torch.device(device)
         model = load_model(params["model_dir"], dtype=dtype, device=device, progress=False)
         max_len = min(int(params["max_model_len"]), model.cfg.max_position_embeddings)
-        storage = KVStorage(model.cfg, pool_sizes_for(int(params["max_sequences"]), max_len), dtype, device)
-        self.engine = DecodeEngine(model, storage, TextCodec.load(params["model_dir"]), self._sink, int(params["max_batch"]))
+        cache = PagedCache.from_budget(model.cfg, dtype, device, int(params["kv_cache_bytes"]), max_len,
+                                       max_num_seqs=int(params["max_sequences"]))
+        self.engine = DecodeEngine(model, cache, TextCodec.load(params["model_dir"]), self._sink,
+                                   int(params["max_batch"]), int(params["max_waiting"]))
         self.outbox = queue.Queue()
         self.clients = {}
         # stream refs are unique across restarts too: stream_guard remembers cancelled ones
@@ -56,6 +62,7 @@ class TritonPythonModel:
         self.sender = threading.Thread(target=self._send_loop, name="dsv4-decode-sender", daemon=True)
         self.engine.start()
         self.sender.start()
+        self.watchdog = watch_parent(os.getppid(), os.getpid())
 
     def _init_metrics(self):
         kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
@@ -75,10 +82,14 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            control = pb_utils.get_input_tensor_by_name(request, "cancel_stream")
-            if control is not None:  # stream_guard saw the client cancel this stream
-                self.engine.cancel(int(control.as_numpy().reshape(-1)[0]))
+            cancel = pb_utils.get_input_tensor_by_name(request, "cancel_stream")
+            if cancel is not None:  # stream_guard saw the client cancel this stream
+                self.engine.cancel(int(cancel.as_numpy().reshape(-1)[0]))
                 sender.send(flags=FINAL)
+                continue
+            control = pb_utils.get_input_tensor_by_name(request, "control")
+            if control is not None:
+                self._control(control.as_numpy().reshape(-1)[0].decode(), sender)
                 continue
             try:
                 raw = pb_utils.get_input_tensor_by_name(request, "request_config").as_numpy().reshape(-1)[0]
@@ -93,6 +104,20 @@ class TritonPythonModel:
             self.clients[rid] = (sender, config.stream)
             self.engine.submit(Arrival(rid, config, first, header, payload))
         return None
+
+    def _control(self, command, sender):
+        """`drain:<seconds>`: stop admitting, finish or cut active streams; answer once drained."""
+        verb, _, arg = command.partition(":")
+        if verb != "drain":
+            sender.send(error_response(pb_utils, "INVALID_ARG", f"control: unknown command {command!r}"), flags=FINAL)
+            return
+        done = self.engine.drain(float(arg or 0))
+
+        def answer():
+            done.wait()
+            sender.send(flags=FINAL)
+
+        threading.Thread(target=answer, name="dsv4-drain", daemon=True).start()
 
     def _sink(self, rid, chunk, error):
         self.outbox.put((rid, chunk, error))
@@ -137,7 +162,7 @@ class TritonPythonModel:
                 self.engine.cancel(rid)
 
     def _report(self):
-        if self.metrics is None:
+        if self.metrics is None or self.stopping.is_set():
             return
         stats = self.engine.stats
         current = {"vllm:prompt_tokens_total": stats.prompt_tokens, "vllm:generation_tokens_total": stats.generation_tokens,
@@ -149,6 +174,7 @@ class TritonPythonModel:
         self.metrics["dsv4_decode_active_requests"].set(self.engine.held_requests())
 
     def finalize(self):
-        self.engine.stop()
         self.stopping.set()
+        self.engine.stop()
         self.sender.join(timeout=10)
+        self.watchdog.terminate()

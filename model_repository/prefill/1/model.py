@@ -24,7 +24,8 @@ class TritonPythonModel:
         if device == "cuda":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         limits = serving_limits(params["model_dir"], int(params["max_model_len"]), 1)
-        self.stage = PrefillStage(params["model_dir"], device, DTYPES[params["dtype"]], limits.max_prompt_tokens)
+        self.stage = PrefillStage(params["model_dir"], device, DTYPES[params["dtype"]], limits.max_model_len,
+                                  int(params["prefix_cache_bytes"]), snapshot_interval=int(params["snapshot_interval"]))
 
     def execute(self, requests):
         responses = []
