@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued for KV room before UNAVAILABLE")
     p.add_argument("--kv-cache-gib", type=float, default=0.5, help="decode's KV pool (requests reserve prompt + max_tokens)")
     p.add_argument("--prefix-cache-gib", type=float, default=0.25, help="prefill's pool: the running prompt plus cached prefixes")
-    p.add_argument("--snapshot-interval", type=int, default=0, help="also keep prefix-cache resume points every N 256-token blocks")
+    p.add_argument("--snapshot-interval", type=int, default=4, help="prefix-cache resume points every N 256-token blocks (besides each prompt's last block)")
     p.add_argument("--decode-cpu-threads", type=int, default=1, help="torch threads of the decode stage on --device cpu")
     p.add_argument("--tokenizer-instances", type=int, default=2)
     p.add_argument("--unary-instances", type=int, default=4)

@@ -14,6 +14,7 @@ from collections import deque
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -53,8 +54,15 @@ class Active:
     seq: SequenceState
     text: TextState
     next_token: int
-    cancelled: bool = False
-    started: float = field(default_factory=time.monotonic)
+    first_token_time: float = field(default_factory=time.time)
+
+
+class Timing(NamedTuple):
+    """One finished request, for the latency histograms."""
+
+    ttft_s: float
+    tpot_s: float | None
+    e2e_s: float
 
 
 @dataclass
@@ -79,6 +87,7 @@ class DecodeEngine:
         self.active: dict[int, Active] = {}
         self.cancel_requests: set[int] = set()
         self.stats = EngineStats()
+        self.timings: deque[Timing] = deque(maxlen=10_000)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -223,10 +232,17 @@ class DecodeEngine:
         for entry, token in zip(batch, next_tokens.tolist()):
             self._accept(entry, int(token))
 
+    def _record(self, entry: Active) -> None:
+        now, n = time.time(), len(entry.text.generated)
+        arrival = entry.config.arrival_time or entry.first_token_time
+        tpot = (now - entry.first_token_time) / (n - 1) if n > 1 else None
+        self.timings.append(Timing(entry.first_token_time - arrival, tpot, now - arrival))
+
     def _finish(self, rid: int, chunk: OutputChunk | None, error: EngineError | None) -> None:
         entry = self.active.pop(rid, None)
         if entry is not None:
             self.cache.release(str(rid))
             self.stats.finished += 1
             self.stats.generation_tokens += len(entry.text.generated)
+            self._record(entry)
         self.sink(rid, chunk, error)

@@ -46,6 +46,7 @@ class RequestConfig:
     stream: bool = False
     echo_text: str | None = None  # prompt text prepended to a non-streamed answer
     num_input_tokens: int = 0
+    arrival_time: float = 0.0  # wall clock at the tokenizer, for time-to-first-token
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class TokenizerStage:
         except ValueError as exc:
             raise RequestError("text_input", str(exc)) from None
         check_prompt_length(len(ids), config, self.limits)
-        config = replace(config, num_input_tokens=len(ids), seed=resolve_seed(config.seed))
+        config = replace(config, num_input_tokens=len(ids), seed=resolve_seed(config.seed), arrival_time=time.time())
         return np.asarray(ids, dtype=np.int32), config.to_json()
 
 

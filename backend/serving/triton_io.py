@@ -61,3 +61,61 @@ def watch_parent(parent_pid: int, stub_pid: int) -> subprocess.Popen:
               f"kill -9 {stub_pid} 2>/dev/null")
     return subprocess.Popen(["/bin/sh", "-c", script], start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class MetricSet:
+    """Triton custom metrics by name and labels; gauges and counters only send changes (each
+    update is an IPC round trip). Silently inert when the server runs with metrics disabled."""
+
+    def __init__(self, pb: Any, spec: dict[str, tuple[str, str]], buckets: dict[str, list[float]] | None = None):
+        kinds = {"counter": pb.MetricFamily.COUNTER, "gauge": pb.MetricFamily.GAUGE, "histogram": pb.MetricFamily.HISTOGRAM}
+        self.buckets = buckets or {}
+        self.metrics: dict[tuple, Any] = {}
+        self.last: dict[tuple, float] = {}
+        try:
+            self.families = {name: pb.MetricFamily(name, help_text, kinds[kind]) for name, (kind, help_text) in spec.items()}
+        except Exception:
+            self.families = None
+
+    def _metric(self, name: str, labels: dict[str, str]) -> Any:
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self.metrics:
+            kwargs = {"buckets": self.buckets[name]} if name in self.buckets else {}
+            self.metrics[key] = self.families[name].Metric(labels=labels, **kwargs)
+        return key, self.metrics[key]
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        if self.families is None:
+            return
+        key, metric = self._metric(name, labels)
+        if self.last.get(key) != value:
+            metric.set(value)
+            self.last[key] = value
+
+    def total(self, name: str, value: float, **labels: str) -> None:
+        """Bring a counter up to a cumulative `value` (sends only the increase)."""
+        if self.families is None:
+            return
+        key, metric = self._metric(name, labels)
+        delta = value - self.last.get(key, 0)
+        if delta > 0:
+            metric.increment(delta)
+            self.last[key] = value
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        if self.families is not None:
+            self._metric(name, labels)[1].observe(value)
+
+
+KV_METRICS = {
+    "dsv4_kv_blocks_used": ("gauge", "KV-cache blocks held by live requests, per stage and pool"),
+    "dsv4_kv_blocks_free": ("gauge", "KV-cache blocks free or reclaimable, per stage and pool"),
+    "dsv4_kv_blocks_cached": ("gauge", "Freed KV-cache blocks kept for prefix reuse, per stage and pool"),
+}
+
+
+def report_kv_usage(metrics: MetricSet, stage: str, usage: dict) -> None:
+    for pool, u in usage.items():
+        metrics.set("dsv4_kv_blocks_used", u.used, stage=stage, pool=pool)
+        metrics.set("dsv4_kv_blocks_free", u.free, stage=stage, pool=pool)
+        metrics.set("dsv4_kv_blocks_cached", u.cached, stage=stage, pool=pool)

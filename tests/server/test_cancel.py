@@ -19,7 +19,7 @@ from .calls import grpc_inputs, grpc_stream, metric
 
 def _wait_idle(server, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
-    while metric(server.metrics_url, "dsv4_decode_active_requests") != 0:
+    while metric(server.metrics_url, "vllm:num_requests_running") != 0:
         assert time.monotonic() < end, "decode still holds requests"
         time.sleep(0.1)
 
@@ -54,6 +54,6 @@ def test_cancelled_stream_stops_and_frees_decode_state(server):
     print(f"tokens generated after the client cancelled: {extra}")
     assert statistics.median(extra) <= 2 and max(extra) <= 8, extra
     # nothing is held and the server is unaffected
-    assert metric(server.metrics_url, "dsv4_decode_active_requests") == 0
+    assert metric(server.metrics_url, "vllm:num_requests_running") == 0
     reply = grpc_stream(server.grpc_url, "after cancel", max_tokens=4, temperature=0.0)
     assert reply.error is None and len(reply.ids) == 4

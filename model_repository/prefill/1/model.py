@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from dsv4.backend.serving.request import RequestConfig
 from dsv4.backend.serving.stages import PrefillStage, serving_limits
-from dsv4.backend.serving.triton_io import error_response, model_parameters
+from dsv4.backend.serving.triton_io import KV_METRICS, MetricSet, error_response, model_parameters, report_kv_usage
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -24,6 +24,14 @@ class TritonPythonModel:
         if device == "cuda":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         limits = serving_limits(params["model_dir"], int(params["max_model_len"]), 1)
+        self.metrics = MetricSet(pb_utils, {
+            "dsv4_prefix_cache_hits_total": ("counter", "Prompts that resumed from a cached prefix"),
+            "dsv4_prefix_cache_misses_total": ("counter", "Prompts with a full block but no cached prefix"),
+            "dsv4_prefix_cache_hit_tokens_total": ("counter", "Prompt tokens taken from the prefix cache"),
+            "dsv4_prefill_prompt_tokens_total": ("counter", "Prompt tokens received by prefill"),
+            "dsv4_prefill_computed_tokens_total": ("counter", "Prompt tokens prefill actually ran"),
+            **KV_METRICS,
+        })
         self.stage = PrefillStage(params["model_dir"], device, DTYPES[params["dtype"]], limits.max_model_len,
                                   int(params["prefix_cache_bytes"]), snapshot_interval=int(params["snapshot_interval"]))
 
@@ -42,4 +50,14 @@ class TritonPythonModel:
                 pb_utils.Tensor("kv_header", header.to_tensor().numpy()),
                 _device_tensor("kv_state", payload),
             ]))
+        self._report()
         return responses
+
+    def _report(self):
+        m, manager, stats = self.metrics, self.stage.cache.manager, self.stage.stats
+        m.total("dsv4_prefix_cache_hits_total", manager.prefix_hits)
+        m.total("dsv4_prefix_cache_misses_total", manager.prefix_misses)
+        m.total("dsv4_prefix_cache_hit_tokens_total", manager.prefix_hit_tokens)
+        m.total("dsv4_prefill_prompt_tokens_total", stats.prompt_tokens)
+        m.total("dsv4_prefill_computed_tokens_total", stats.computed_tokens)
+        report_kv_usage(m, "prefill", manager.usage())
