@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.2)
     if stop_signal:
         print("dsv4-serve: stopping: draining streams, then shutting the server down", file=sys.stderr, flush=True)
+    stopping = time.monotonic()
     code = server.stop()
+    if stop_signal:
+        print(f"dsv4-serve: drained and stopped in {time.monotonic() - stopping:.1f}s", file=sys.stderr, flush=True)
     print(f"dsv4-serve: server stopped (exit code {code}) after {time.monotonic() - started:.0f}s", file=sys.stderr)
     return 0 if stop_signal else (code or 0)
 

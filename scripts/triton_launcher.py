@@ -118,7 +118,7 @@ class ServerOptions:
 def server_command(bundle: TritonBundle, repo: Path, backends: Path, opts: ServerOptions) -> list[str]:
     cmd = [
         str(bundle.server), f"--model-repository={repo}", f"--backend-directory={backends}",
-        "--model-control-mode=none", "--strict-readiness=true", "--log-verbose=0",
+        "--model-control-mode=none", "--strict-readiness=true", "--log-verbose=0", "--metrics-interval-ms=250",
         f"--http-address={opts.host}", f"--http-port={opts.http_port}",
         f"--grpc-address={opts.host}", f"--grpc-port={opts.grpc_port}",
         f"--metrics-address={opts.host}", f"--metrics-port={opts.metrics_port}",
@@ -180,7 +180,14 @@ class RunningServer:
     def stop(self, timeout: float | None = None) -> int:
         """Drain decode, then SIGTERM: in-flight streams end cleanly before Triton's exit timeout."""
         if self.alive():
-            self.drain(max(1.0, self.opts.exit_timeout_s - 10))
+            started = time.monotonic()
+            drained = self.drain(max(1.0, self.opts.exit_timeout_s - 10))
+            # the streams' last chunks may still be queued for stream_guard: Triton stops scheduling
+            # ensemble steps once it is told to exit, which would leave those requests hanging
+            quiet = wait_for_no_pending(self.metrics_url, timeout=max(2.0, self.opts.exit_timeout_s - (time.monotonic() - started)))
+            print(f"dsv4-serve: decode {'drained' if drained else 'did not confirm its drain'}"
+                  f"{'' if quiet else ' (work still queued)'} in {time.monotonic() - started:.1f}s; stopping tritonserver",
+                  file=sys.stderr, flush=True)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout or self.opts.exit_timeout_s + 15)
@@ -188,6 +195,24 @@ class RunningServer:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def wait_for_no_pending(metrics_url: str, timeout: float) -> bool:
+    """Wait until no model has queued requests in two consecutive metric refreshes."""
+    end, clear = time.monotonic() + timeout, 0
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=2) as resp:
+                text = resp.read().decode()
+        except (urllib.error.URLError, OSError):
+            return False
+        pending = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("nv_inference_pending_request_count{"))
+        clear = clear + 1 if pending == 0 else 0
+        if clear >= 2:
+            return True
+        time.sleep(0.3)
+    return False
 
 
 def drain_decode(grpc_url: str, grace_s: float) -> bool:

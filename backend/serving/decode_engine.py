@@ -151,8 +151,13 @@ class DecodeEngine:
             self.sink(arrival.rid, None, ("UNAVAILABLE", SHUTDOWN_MESSAGE))
         self.waiting.clear()
         if time.monotonic() >= self._drain_deadline:
-            for rid in list(self.active):
-                self._finish(rid, None, ("UNAVAILABLE", f"{SHUTDOWN_MESSAGE} (the stream was cut short)"))
+            for rid, entry in list(self.active.items()):
+                if entry.config.stream:
+                    # a normal last chunk: an error after chunks leaves Triton 2.51's ensemble request
+                    # in flight forever when stream_guard steps are still pending
+                    self._finish(rid, entry.text.cut(), None)
+                else:
+                    self._finish(rid, None, ("UNAVAILABLE", f"{SHUTDOWN_MESSAGE} (generation was cut short)"))
         if not self.active and self.arrivals.empty():
             self.drained.set()
 

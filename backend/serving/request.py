@@ -97,6 +97,23 @@ def _number(inputs, name: str, default: float, lo: float | None = None, hi: floa
     return int(value) if integer else number
 
 
+RESERVED_PARAMETERS = ("sequence_id", "priority", "timeout", "sequence_start", "sequence_end", "headers")
+INPUT_NAMES = ("text_input", "max_tokens", "min_tokens", "stream", "temperature", "top_p", "top_k", "seed",
+               "stop_words", "exclude_input_in_output", "apply_chat_template")
+# a token is rarely longer than this many characters: longer texts cannot fit and are refused unread
+MAX_CHARS_PER_TOKEN = 32
+
+
+def check_parameters(parameters: dict[str, Any]) -> None:
+    """Request parameters are not used by this model; a misspelled input would otherwise vanish silently."""
+    for name in parameters:
+        if name in RESERVED_PARAMETERS or name.startswith("triton_"):
+            raise RequestError(name, "is a reserved Triton parameter name and cannot be used with this model")
+    if parameters:
+        raise RequestError(sorted(parameters)[0], f"unknown request parameter(s) {sorted(parameters)}; "
+                           f"this model takes the inputs {list(INPUT_NAMES)}")
+
+
 def parse_request(inputs: dict[str, np.ndarray], limits: ServingLimits) -> tuple[str | list[dict], RequestConfig, bool]:
     """Validate raw input tensors -> (prompt text or chat messages, config, apply_chat_template).
 
@@ -106,6 +123,9 @@ def parse_request(inputs: dict[str, np.ndarray], limits: ServingLimits) -> tuple
     if raw is None:
         raise RequestError("text_input", "is required")
     text = _text(raw, "text_input")
+    if len(text) > MAX_CHARS_PER_TOKEN * limits.max_prompt_tokens:
+        raise RequestError("text_input", f"has {len(text)} characters, far more than the prompt limit of "
+                           f"{limits.max_prompt_tokens} tokens")
     chat = bool(_scalar(inputs, "apply_chat_template") or False)
     prompt: str | list[dict] = text
     if chat:

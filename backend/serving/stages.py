@@ -17,7 +17,7 @@ from ..kv_cache.manager import chain_hashes, snapshot_boundaries
 from ..kv_cache.paged_cache import PagedCache
 from ..tokenizer import TextCodec
 from .handoff import StateHeader, export_state
-from .request import RequestConfig, RequestError, ServingLimits, check_prompt_length, parse_request
+from .request import RequestConfig, RequestError, ServingLimits, check_parameters, check_prompt_length, parse_request
 
 
 def serving_limits(model_dir: str | Path, max_model_len: int | None, max_tokens_limit: int) -> ServingLimits:
@@ -31,8 +31,9 @@ class TokenizerStage:
         self.codec = TextCodec.load(model_dir)
         self.limits = limits
 
-    def process(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, bytes]:
+    def process(self, inputs: dict[str, np.ndarray], parameters: dict | None = None) -> tuple[np.ndarray, bytes]:
         """Validated request -> (input_ids int32, request_config JSON); raises RequestError."""
+        check_parameters(parameters or {})
         prompt, config, chat = parse_request(inputs, self.limits)
         try:
             ids = self.codec.encode_chat(prompt) if chat else self.codec.encode(prompt)

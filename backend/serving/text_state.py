@@ -14,7 +14,7 @@ class OutputChunk:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "" while running; "stop", "length", "cancelled" or "error" at the end
+    finish_reason: str  # "" while running; "stop", "length", "cancelled" or "shutdown" at the end
     num_input_tokens: int
     num_output_tokens: int  # cumulative
 
@@ -61,6 +61,10 @@ class TextState:
 
     def cancel(self) -> OutputChunk:
         return self._finish("cancelled", "")
+
+    def cut(self) -> OutputChunk:
+        """End a stream early because the server is shutting down (finish_reason "shutdown")."""
+        return self._finish("shutdown", "")
 
     def _drain(self) -> str:
         tail = self._detok.flush()

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from .request import INPUT_NAMES
 from .text_state import OutputChunk
 
-REQUEST_INPUTS = ("text_input", "max_tokens", "min_tokens", "stream", "temperature", "top_p", "top_k", "seed",
-                  "stop_words", "exclude_input_in_output", "apply_chat_template")
+REQUEST_INPUTS = INPUT_NAMES
 OUTPUT_NAMES = ("text_output", "output_ids", "finish_reason", "num_input_tokens", "num_output_tokens")
 
 
@@ -32,6 +32,11 @@ def read_inputs(pb: Any, request: Any, names: tuple[str, ...]) -> dict[str, np.n
         if tensor is not None:
             out[name] = tensor.as_numpy()
     return out
+
+
+def request_parameters(request: Any) -> dict[str, Any]:
+    raw = request.parameters()
+    return json.loads(raw) if raw else {}
 
 
 def error_response(pb: Any, code: str, message: str) -> Any:

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from dsv4.backend.serving.decode_engine import NO_ROOM_MESSAGE
 from dsv4.backend.serving.request import RequestError
 from dsv4.backend.serving.stages import TokenizerStage, serving_limits
-from dsv4.backend.serving.triton_io import OUTPUT_NAMES, REQUEST_INPUTS, error_response, model_parameters, read_inputs
+from dsv4.backend.serving.triton_io import OUTPUT_NAMES, REQUEST_INPUTS, error_response, model_parameters, read_inputs, request_parameters
 
 ENSEMBLE = "dsv4"
 
@@ -27,7 +27,7 @@ class TritonPythonModel:
 
     def _one(self, request):
         try:
-            self.validator.process(read_inputs(pb_utils, request, REQUEST_INPUTS))
+            self.validator.process(read_inputs(pb_utils, request, REQUEST_INPUTS), request_parameters(request))
         except RequestError as exc:
             return error_response(pb_utils, "INVALID_ARG", str(exc))
         inputs = [pb_utils.get_input_tensor_by_name(request, n) for n in REQUEST_INPUTS if n != "stream"]

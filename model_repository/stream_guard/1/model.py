@@ -18,8 +18,8 @@ class TritonPythonModel:
             ref = int(pb_utils.get_input_tensor_by_name(request, "stream_ref").as_numpy().reshape(-1)[0])
             if request.is_cancelled():
                 self._cancel(ref)
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)))
-                continue
+            # never an error response: in Triton 2.51 a failed step leaves the ensemble request
+            # in flight forever (it then blocks shutdown); the client is gone either way
             responses.append(pb_utils.InferenceResponse([pb_utils.get_input_tensor_by_name(request, n) for n in OUTPUT_NAMES]))
         return responses
 

@@ -5,7 +5,7 @@ import triton_python_backend_utils as pb_utils
 
 from dsv4.backend.serving.request import RequestError
 from dsv4.backend.serving.stages import TokenizerStage, serving_limits
-from dsv4.backend.serving.triton_io import REQUEST_INPUTS, error_response, model_parameters, read_inputs
+from dsv4.backend.serving.triton_io import REQUEST_INPUTS, error_response, model_parameters, read_inputs, request_parameters
 
 
 class TritonPythonModel:
@@ -18,7 +18,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                ids, config = self.stage.process(read_inputs(pb_utils, request, REQUEST_INPUTS))
+                ids, config = self.stage.process(read_inputs(pb_utils, request, REQUEST_INPUTS), request_parameters(request))
             except RequestError as exc:
                 responses.append(error_response(pb_utils, "INVALID_ARG", str(exc)))
                 continue
