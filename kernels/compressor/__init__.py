@@ -1,0 +1,6 @@
+"""Compressor: softmax pooling with running accumulators + RMSNorm + RoPE + quantize + cache insert."""
+
+from .kernel import compressor_decode, compressor_prefill
+from .reference import compressor_decode_ref, compressor_prefill_ref, windowed_softmax_pool_ref
+
+__all__ = ["compressor_decode", "compressor_decode_ref", "compressor_prefill", "compressor_prefill_ref", "windowed_softmax_pool_ref"]

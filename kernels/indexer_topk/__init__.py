@@ -1,0 +1,6 @@
+"""Lightning-Indexer scores + exact top-k (fused radix select), decode and prefill."""
+
+from .kernel import indexer_topk_decode, indexer_topk_prefill
+from .reference import indexer_topk_decode_ref, indexer_topk_prefill_ref
+
+__all__ = ["indexer_topk_decode", "indexer_topk_decode_ref", "indexer_topk_prefill", "indexer_topk_prefill_ref"]

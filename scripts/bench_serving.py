@@ -1,0 +1,137 @@
+"""Serving benchmark: the same requests in-process (dsv4-generate's path) and through Triton.
+
+Starts dsv4-serve on free loopback ports (its start-up time is measured too), then for each
+prompt length: TTFT (median over --repeats streams) and single-stream decode tokens/s over the
+gRPC stream, next to in-process prefill and decode on the same machine. Prints a markdown table
+with the command, date and machine for docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EPILOG = """example:
+  python scripts/bench_serving.py --model ~/.cache/dsv4-triton/tiny --prompt-tokens 16,512,2048 --max-tokens 128
+"""
+
+
+def _stream_timings(url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(TTFT s, decode tokens/s after the first token, tokens) for one greedy gRPC stream."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    def tensor(name, arr):
+        t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        t.set_data_from_numpy(arr)
+        return t
+
+    inputs = [tensor("text_input", np.array([prompt.encode()], dtype=np.object_)),
+              tensor("max_tokens", np.array([max_tokens], dtype=np.int32)),
+              tensor("min_tokens", np.array([max_tokens], dtype=np.int32)),
+              tensor("temperature", np.array([0.0], dtype=np.float32)),
+              tensor("stream", np.array([True])), tensor("exclude_input_in_output", np.array([True]))]
+    client = grpcclient.InferenceServerClient(url)
+    events: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: events.put((time.perf_counter(), result, error)))
+    sent = time.perf_counter()
+    client.async_stream_infer("dsv4", inputs)
+    first = last = None
+    tokens = 0
+    while True:
+        at, result, error = events.get(timeout=600)
+        if error is not None:
+            raise RuntimeError(error)
+        tokens += len(result.as_numpy("output_ids"))
+        first = first or at
+        last = at
+        if result.as_numpy("finish_reason")[0]:
+            break
+    client.stop_stream()
+    client.close()
+    return first - sent, (tokens - 1) / (last - first) if tokens > 1 else 0.0, tokens
+
+
+def _prompt(codec, tokens: int) -> str:
+    words = " ".join(f"w{i % 97}" for i in range(tokens * 2))
+    ids = codec.encode(words, add_bos=False)[: tokens - 1]
+    return codec.decode(ids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompt-tokens", default="16,512,2048")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from dsv4.backend.checkpoint.loader import load_model
+    from dsv4.backend.generate import generate
+    from dsv4.backend.sampler import SamplingParams
+    from dsv4.backend.tokenizer import TextCodec
+    from dsv4.scripts.triton_launcher import free_ports
+
+    codec = TextCodec.load(args.model)
+    lengths = [int(x) for x in args.prompt_tokens.split(",")]
+    http, grpc, metrics = free_ports(3)
+    work = Path("runs/bench_serving")
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    serve = subprocess.Popen([sys.executable, "-m", "dsv4.scripts.serve", "--model", str(args.model), "--device", args.device,
+                              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                              "--max-model-len", str(max(lengths) + args.max_tokens + 8), "--workdir", str(work / "server")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in serve.stdout:
+        if "is ready" in line:
+            break
+    start_s = time.perf_counter() - started
+    rows = []
+    try:
+        url = f"127.0.0.1:{grpc}"
+        _stream_timings(url, "warm up", 4)
+        for n in lengths:
+            prompt = _prompt(codec, n)
+            runs = [_stream_timings(url, prompt, args.max_tokens) for _ in range(args.repeats)]
+            rows.append({"prompt": len(codec.encode(prompt)), "ttft": statistics.median(r[0] for r in runs),
+                         "served_tps": statistics.median(r[1] for r in runs)})
+    finally:
+        serve.terminate()
+        serve.wait(120)
+    model = load_model(args.model, device=args.device, dtype=torch.float32 if args.device == "cpu" else torch.bfloat16, progress=False)
+    for row, n in zip(rows, lengths):
+        ids = codec.encode(_prompt(codec, n))
+        generate(model, ids[:8], SamplingParams(temperature=0.0, max_tokens=2))
+        t = time.perf_counter()
+        generate(model, ids, SamplingParams(temperature=0.0, max_tokens=1))
+        prefill_s = time.perf_counter() - t
+        t = time.perf_counter()
+        out = generate(model, ids, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+        total = time.perf_counter() - t
+        row["inproc_ttft"] = prefill_s
+        row["inproc_tps"] = (len(out.token_ids) - 1) / max(total - prefill_s, 1e-9)
+    print(f"server start (dsv4-serve to first successful canary): {start_s:.1f} s\n")
+    print(f"command: python scripts/bench_serving.py {' '.join(argv or sys.argv[1:])}")
+    print(f"date: {datetime.date.today()}, machine: {platform.machine()} {torch.get_num_threads()} threads, device {args.device}\n")
+    print("| prompt tokens | TTFT in-process (ms) | TTFT via Triton (ms) | decode tok/s in-process | decode tok/s via Triton | Triton / in-process |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['prompt']} | {r['inproc_ttft'] * 1000:.0f} | {r['ttft'] * 1000:.0f} | {r['inproc_tps']:.1f} | "
+              f"{r['served_tps']:.1f} | {r['served_tps'] / r['inproc_tps']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
