@@ -74,6 +74,8 @@ class KVStorage:
         self.sizes = sizes
         self.dtype = dtype
         self.device = torch.device(device)
+        # the fused Triton kernels serve CUDA caches; the PyTorch reference serves the CPU
+        self.use_kernels = self.device.type == "cuda"
         c, ci, w = cfg.head_dim, cfg.index_head_dim, cfg.window
         self.csa_entries = entries_per_block(cfg.csa_rate)
         self.hca_entries = entries_per_block(cfg.hca_rate)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import CSA, HCA, ModelConfig
 from ..kv_cache.storage import KVStorage, SequenceState, gather_entries, store_entries
-from . import ops
+from . import kernel_path, ops
 from .compressor import compress_chunk, compress_decode
 from .layers import Linear, RMSNormWeight, empty_param
 from .sparse_attention import KeyGroup, attend, index_scores, select_topk
@@ -102,8 +102,11 @@ class Attention(nn.Module):
 
     def _output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Inverse RoPE at the query position, then the grouped low-rank output projection."""
+        return self._grouped_output(ops.apply_rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True))
+
+    def _grouped_output(self, o: torch.Tensor) -> torch.Tensor:
+        """o [N, H, c] -> per-group low-rank projection -> [N, d]."""
         cfg = self.cfg
-        o = ops.apply_rope(o, cos.unsqueeze(1), sin.unsqueeze(1), inverse=True)
         grouped = o.reshape(o.shape[0], cfg.o_groups, -1)
         w = self.wo_a.weight.view(cfg.o_groups, cfg.o_lora_rank, -1)
         return self.wo_b(torch.einsum("ngi,goi->ngo", grouped.to(w.dtype), w).flatten(1))
@@ -111,7 +114,9 @@ class Attention(nn.Module):
     # prefill: one request, tokens seq.position .. seq.position + S - 1
 
     def prefill(self, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage) -> torch.Tensor:
-        cfg, window = self.cfg, self.cfg.window
+        if kv_store.use_kernels:
+            return kernel_path.prefill(self, x, seq, kv_store)
+        window = self.cfg.window
         start, count = seq.position, x.shape[0]
         positions = torch.arange(start, start + count, device=x.device)
         q, kv, c_q, cos, sin = self._project(x, positions)
@@ -166,6 +171,8 @@ class Attention(nn.Module):
     # decode: one token per request, each at its own position
 
     def decode(self, x: torch.Tensor, seqs: list[SequenceState], kv_store: KVStorage) -> torch.Tensor:
+        if kv_store.use_kernels:
+            return kernel_path.decode(self, x, seqs, kv_store)
         window = self.cfg.window
         positions = torch.tensor([s.position for s in seqs], device=x.device)
         q, kv, c_q, cos, sin = self._project(x, positions)

@@ -1,0 +1,88 @@
+"""The attention layer on the fused Triton kernels (the path a CUDA cache takes).
+
+Same math, weights and cache layout as the reference code in `attention.py`: the kernels read
+the page pools through the block tables directly, update the compressor accumulators in place,
+and apply the inverse RoPE in the attention epilogue. Projections stay in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kv_cache.storage import KVStorage, SequenceState
+
+
+def _tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Block tables padded with the null block into `[B, max_blocks]` int32."""
+    width = max((len(t) for t in tables), default=0) or 1
+    out = torch.zeros(len(tables), width, dtype=torch.int32)
+    for b, t in enumerate(tables):
+        out[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return out.to(device)
+
+
+def _ids(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def decode(attn, x: torch.Tensor, seqs: list[SequenceState], kv_store: KVStorage) -> torch.Tensor:
+    from dsv4.kernels.compressor import compressor_decode
+    from dsv4.kernels.indexer_topk import indexer_topk_decode
+    from dsv4.kernels.sparse_decode import sparse_decode
+
+    device, layer, cfg = x.device, attn.layer, attn.cfg
+    positions = torch.tensor([s.position for s in seqs], dtype=torch.int64, device=device)
+    q, kv, c_q, cos, sin = attn._project(x, positions)
+    ring = kv_store.ring[layer]
+    ring_blocks = _ids([s.ring_block for s in seqs], device)
+    ring[ring_blocks.long(), positions % cfg.window] = kv.to(ring.dtype)
+    comp = table = num_comp = picks = None
+    if attn.compressor is not None:
+        c, state_blocks = attn.compressor, _ids([s.state_block for s in seqs], device)
+        comp, table = kv_store.comp[layer], _tables([kv_store.comp_blocks(s, layer) for s in seqs], device)
+        compressor_decode(c.wkv(x), c.wgate(x), c.ape, c.norm.weight, attn.inv_freq, kv_store.acc[layer], state_blocks,
+                          positions, comp, table, rate=c.rate, eps=c.eps)
+        num_comp = ((positions + 1) // c.rate).to(torch.int32)
+        if attn.indexer is not None:
+            ic, index_table = attn.indexer.compressor, _tables([s.csa_index_blocks for s in seqs], device)
+            compressor_decode(ic.wkv(x), ic.wgate(x), ic.ape, ic.norm.weight, attn.inv_freq, kv_store.index_acc[layer],
+                              state_blocks, positions, kv_store.index[layer], index_table, rate=ic.rate, eps=ic.eps)
+            iq, iw = attn.indexer.queries(c_q, x, cos, sin)
+            picks = indexer_topk_decode(iq.contiguous(), iw.contiguous(), kv_store.index[layer], index_table, num_comp,
+                                        attn.indexer.topk)
+    o = sparse_decode(q.contiguous(), positions, ring, ring_blocks, comp, table, num_comp, picks, attn.attn_sink,
+                      attn.scale, attn.inv_freq)
+    return attn._grouped_output(o)
+
+
+def prefill(attn, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage) -> torch.Tensor:
+    from dsv4.kernels.compressor import compressor_prefill
+    from dsv4.kernels.indexer_topk import indexer_topk_prefill
+    from dsv4.kernels.sparse_prefill import sparse_prefill
+
+    device, layer, window = x.device, attn.layer, attn.cfg.window
+    start, count = seq.position, x.shape[0]
+    positions = torch.arange(start, start + count, device=device)
+    q, kv, c_q, cos, sin = attn._project(x, positions)
+    ring = kv_store.ring[layer][seq.ring_block]
+    history = min(start, window - 1)
+    hist_pos = torch.arange(start - history, start, device=device)
+    raw = torch.cat([ring[hist_pos % window].to(kv.dtype), kv]).contiguous()
+    tail = positions[-window:]
+    ring[tail % window] = kv[-tail.shape[0]:].to(ring.dtype)
+    comp = table = picks = None
+    rate = attn.rate or 1
+    if attn.compressor is not None:
+        c = attn.compressor
+        comp, table = kv_store.comp[layer], _tables([kv_store.comp_blocks(seq, layer)], device)[0]
+        compressor_prefill(c.wkv(x), c.wgate(x), c.ape, c.norm.weight, attn.inv_freq, kv_store.acc[layer], seq.state_block,
+                           start, comp, table, rate=c.rate, eps=c.eps)
+        if attn.indexer is not None:
+            ic, index_table = attn.indexer.compressor, _tables([seq.csa_index_blocks], device)[0]
+            compressor_prefill(ic.wkv(x), ic.wgate(x), ic.ape, ic.norm.weight, attn.inv_freq, kv_store.index_acc[layer],
+                               seq.state_block, start, kv_store.index[layer], index_table, rate=ic.rate, eps=ic.eps)
+            iq, iw = attn.indexer.queries(c_q, x, cos, sin)
+            picks = indexer_topk_prefill(iq.contiguous(), iw.contiguous(), kv_store.index[layer], index_table, start,
+                                         attn.indexer.topk, rate=ic.rate)
+    o = sparse_prefill(q.contiguous(), start, raw, window, comp, table, picks, rate, attn.attn_sink, attn.scale, attn.inv_freq)
+    return attn._grouped_output(o)
