@@ -38,7 +38,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, median
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # load_tests is a top-level folder of the repository, not installed
@@ -215,7 +215,8 @@ def print_table(rows: list[Row], out=sys.stdout) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compare_latency.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grpc-url", default="127.0.0.1:8001", help="server gRPC address host:port (default 127.0.0.1:8001)")
+    p.add_argument("--grpc-url", default="127.0.0.1:8001",
+                   help="server gRPC address host:port (default 127.0.0.1:8001)")
     p.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics",
                    help="Prometheus page of the server (default http://127.0.0.1:8002/metrics)")
     p.add_argument("--requests", type=int, default=20, metavar="N", help="requests counted per method (default 20)")
@@ -249,17 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # (a) and (c): the client library, with the metrics port sampled around the counted requests
         started = time.perf_counter()
-        initial = wait_for_count(args.metrics_url, scrape(args.metrics_url), "vllm:time_to_first_token_seconds_count", 0)
+        ttft_count = "vllm:time_to_first_token_seconds_count"
+        initial = wait_for_count(args.metrics_url, scrape(args.metrics_url), ttft_count, 0)
         run_client(args.grpc_url, args.model, warm)
-        before = wait_for_count(args.metrics_url, initial, "vllm:time_to_first_token_seconds_count", len(warm))
+        before = wait_for_count(args.metrics_url, initial, ttft_count, len(warm))
         results = run_client(args.grpc_url, args.model, counted)
-        after = wait_for_count(args.metrics_url, before, "vllm:time_to_first_token_seconds_count", args.requests)
+        after = wait_for_count(args.metrics_url, before, ttft_count, args.requests)
         client_s = time.perf_counter() - started
         # (b): the same sequence from Locust's first (and only) user
         duration = int(math.ceil(client_s * 1.5 + 5))
         before_b = scrape(args.metrics_url)
         samples = run_locust(args.grpc_url, args.model, scenario_path, out, total_requests, duration)
-        after_b = wait_for_count(args.metrics_url, before_b, "vllm:time_to_first_token_seconds_count", len(samples))
+        after_b = wait_for_count(args.metrics_url, before_b, ttft_count, len(samples))
         samples = samples[args.warmup:]
     except (ClientError, OSError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"compare_latency: {e}", file=sys.stderr)
@@ -276,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
+    with open(out / "client.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps({"ttft_s": r.ttft_s, "total_s": r.total_s, "itl_s": r.itl_s,
+                                "num_input_tokens": r.num_input_tokens,
+                                "num_output_tokens": r.num_output_tokens}) + "\n")
+    pairs = list(zip([report.request_metrics(s) for s in samples], results, strict=True))
+    paired_ttft = median(m["time_to_first_token_ms"] - r.ttft_s * 1e3 for m, r in pairs)
+    paired_itl = median(m["inter_token_latency_ms"] - r.itl_s * 1e3 for m, r in pairs)
     output_tokens = sum(r.num_output_tokens for r in results)
     server = server_figures(before, after)
     server_b = server_figures(before_b, after_b)
@@ -295,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{output_tokens} output tokens; server {args.grpc_url}; load average {load_before:.2f} -> "
           f"{os.getloadavg()[0]:.2f} (other work on the machine skews every column)")
     print_table(rows)
+    print(f"(b) - (a), median over the {args.requests} request pairs: TTFT {paired_ttft:+.2f} ms, "
+          f"ITL {paired_itl:+.3f} ms")
     if server["vllm_requests"] != args.requests or server["nv_requests"] != args.requests:
         print(f"warning: the server counted {server['vllm_requests']:.0f} (vllm:*) and {server['nv_requests']:.0f} "
               f"(nv_*) requests during (a), not {args.requests}: someone else is using it", file=sys.stderr)
@@ -305,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
           f"warm-up and the requests after the counted ones included).")
     if args.json:
         print(json.dumps({"client": {"ttft_ms": a_ttft, "itl_ms": a_itl, "e2e_ms": a_e2e}, "locust": locust,
-                          "server": server, "server_during_locust": server_b, "requests": args.requests, "max_tokens": args.max_tokens}))
+                          "server": server, "server_during_locust": server_b, "requests": args.requests,
+                          "max_tokens": args.max_tokens, "paired_median_ms": {"ttft": paired_ttft, "itl": paired_itl}}))
     failures = [name for name, a, b, *_ in rows[:2] if abs(_rel(a, b) or 0.0) > args.tolerance]
     if failures:
         print(f"FAIL: {', '.join(failures)} of client and Locust differ by more than {args.tolerance:.0%}")

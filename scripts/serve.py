@@ -61,7 +61,7 @@ def handoff_bytes(model_dir: Path, max_model_len: int, element_size: int) -> int
 def template_values(args, model_dir: Path) -> dict[str, str]:
     cuda = args.device == "cuda"
     return {
-        "model_dir": str(model_dir), "device": args.device, "dtype": args.dtype,
+        "model_dir": str(model_dir), "device": args.device, "dtype": args.dtype, "kv_format": args.kv_format,
         "instance_kind": "KIND_GPU" if cuda else "KIND_CPU", "force_cpu_inputs": "no" if cuda else "yes",
         "max_model_len": str(args.max_model_len), "max_tokens_limit": str(args.max_tokens_limit),
         "max_batch": str(args.max_batch), "max_sequences": str(args.max_sequences), "max_waiting": str(args.max_waiting),
@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--kv-format", choices=["auto", "float", "fp8", "fp8-fp4"], default="auto",
+                   help="KV pages: float (in --dtype), fp8 (584-byte entries, FP8 index keys), fp8-fp4 (FP4 index keys); "
+                        "auto: fp8 on cuda, float on cpu")
     p.add_argument("--max-model-len", type=int, default=8192, help="longest prompt + output served (tokens)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-batch", type=int, default=64, help="decode batch size cap")
@@ -99,6 +102,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def device_defaults(args) -> None:
+    """Compute dtype and KV format left unset: bf16 + fp8 on cuda, fp32 + float pages on cpu."""
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    if args.kv_format == "auto":
+        args.kv_format = "fp8" if args.device == "cuda" else "float"
+
+
 def validate(args) -> Path:
     """Everything checkable before the server starts: checkpoint, config, device."""
     from dsv4.backend.checkpoint.loader import checkpoint_files
@@ -112,7 +122,9 @@ def validate(args) -> Path:
 
         if not torch.cuda.is_available():
             raise LaunchError("--device cuda but no CUDA GPU is visible to this process")
-    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    device_defaults(args)
+    if args.kv_format != "float" and cfg.head_dim - cfg.rope_dim < 64:
+        raise LaunchError(f"--kv-format {args.kv_format} needs head_dim - rope_dim >= 64 (this model: {cfg.head_dim - cfg.rope_dim})")
     args.max_model_len = min(args.max_model_len, cfg.max_position_embeddings)
     for name in ("max_model_len", "max_tokens_limit", "max_batch", "max_sequences", "max_waiting", "tokenizer_instances",
                  "unary_instances"):

@@ -6,7 +6,7 @@ import pytest
 
 from dsv4.backend.checkpoint.writer import write_checkpoint
 from dsv4.backend.presets import preset
-from dsv4.scripts.serve import launch, parse_args
+from dsv4.scripts.serve import device_defaults, launch, parse_args
 from dsv4.scripts.triton_launcher import free_ports, wait_ready
 
 MAX_MODEL_LEN = 2048
@@ -17,7 +17,7 @@ def start(model_dir, work, extra: list[str] = ()):
     args = parse_args(["--model", str(model_dir), "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
                        str(metrics), "--max-model-len", str(MAX_MODEL_LEN), "--max-tokens-limit", "1024",
                        "--tokenizer-instances", "1", "--unary-instances", "2", *extra])
-    args.dtype = "fp32"
+    device_defaults(args)
     server = launch(args, model_dir, work)
     try:
         wait_ready(server, 300)

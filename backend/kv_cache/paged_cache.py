@@ -17,36 +17,44 @@ from .manager import KVCacheManager, chain_hashes
 from .storage import KVStorage, SequenceState
 
 _FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+KV_FORMATS = {"float": ("float", "float"), "fp8": ("main_fp8", "index_fp8"), "fp8-fp4": ("main_fp8", "index_fp4")}
 
 
-def layout_for(cfg: ModelConfig, dtype: torch.dtype) -> KVLayout:
+def layout_for(cfg: ModelConfig, dtype: torch.dtype, kv_format: str = "float") -> KVLayout:
+    """Byte accounting for the pools `KVStorage` allocates in this format."""
+    main, index = KV_FORMATS[kv_format]
     name = _FORMAT[dtype]
-    return KVLayout.from_config(cfg, StorageFormat.named(cfg, main=name, index=name))
+    return KVLayout.from_config(cfg, StorageFormat.named(cfg, main=name if main == "float" else "fp8",
+                                                         index=name if index == "float" else index[len("index_"):]))
 
 
 class PagedCache:
-    def __init__(self, cfg: ModelConfig, manager: KVCacheManager, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ModelConfig, manager: KVCacheManager, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 kv_format: str = "float"):
+        """`kv_format`: "float" (pages in `dtype`), "fp8" (584-byte main entries, 132-byte index keys)
+        or "fp8-fp4" (68-byte FP4 index keys)."""
         self.cfg, self.manager = cfg, manager
         sizes = {kind: pool.num_blocks for kind, pool in manager.pools.items()}
-        self.storage = KVStorage(cfg, sizes, dtype, device)
+        main, index = KV_FORMATS[kv_format]
+        self.storage = KVStorage(cfg, sizes, dtype, device, main_format=main, index_format=index)
         self.seqs: dict[str, SequenceState] = {}
 
     @classmethod
     def for_requests(cls, cfg: ModelConfig, dtype: torch.dtype, device, num_requests: int, max_positions: int,
-                     snapshots: int = 0) -> PagedCache:
+                     snapshots: int = 0, kv_format: str = "float") -> PagedCache:
         """Exactly enough blocks for `num_requests` requests of `max_positions` (plus snapshot slots)."""
-        layout = layout_for(cfg, dtype)
+        layout = layout_for(cfg, dtype, kv_format)
         need = layout.blocks_for_tokens(max_positions)._asdict()
         sizes = {k: need[k] * (num_requests + (snapshots if k in FIXED_KINDS else 0)) + 1 for k in layout.present}
-        return cls(cfg, KVCacheManager(layout, sizes), dtype, device)
+        return cls(cfg, KVCacheManager(layout, sizes), dtype, device, kv_format)
 
     @classmethod
     def from_budget(cls, cfg: ModelConfig, dtype: torch.dtype, device, budget_bytes: int, max_model_len: int,
-                    max_num_seqs: int | None = None, snapshots: int = 0) -> PagedCache:
+                    max_num_seqs: int | None = None, snapshots: int = 0, kv_format: str = "float") -> PagedCache:
         """Pools sized once from a byte budget (see `KVCacheManager.from_budget` for the split)."""
-        manager = KVCacheManager.from_budget(layout_for(cfg, dtype), budget_bytes, max_model_len,
+        manager = KVCacheManager.from_budget(layout_for(cfg, dtype, kv_format), budget_bytes, max_model_len,
                                              max_num_seqs=max_num_seqs, snapshot_slots=snapshots)
-        return cls(cfg, manager, dtype, device)
+        return cls(cfg, manager, dtype, device, kv_format)
 
     @property
     def layout(self) -> KVLayout:

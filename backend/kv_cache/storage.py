@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CSA, HCA, ModelConfig
+from .pools import FLOAT, PagedPool
 
 BLOCK_POSITIONS = 256
 
@@ -22,25 +23,26 @@ def entries_per_block(rate: int) -> int:
     return BLOCK_POSITIONS // rate
 
 
-def gather_entries(pool: torch.Tensor, blocks: list[int], count: int) -> torch.Tensor:
-    """The first `count` entries of a request's paged sequence in `pool` [blocks, per_block, dim]."""
+def gather_entries(pool: PagedPool, blocks: list[int], count: int) -> torch.Tensor:
+    """The first `count` entries of a request's paged sequence: `[count, dim]`."""
+    device = pool.tensor.device
     if count == 0:
-        return pool.new_zeros(0, pool.shape[-1])
-    needed = -(-count // pool.shape[1])
-    table = torch.tensor(blocks[:needed], dtype=torch.long, device=pool.device)
-    return pool[table].reshape(-1, pool.shape[-1])[:count]
+        return torch.zeros(0, pool.dim, dtype=pool.dtype, device=device)
+    needed = -(-count // pool.entries)
+    table = torch.tensor(blocks[:needed], dtype=torch.long, device=device)
+    return pool.read_pages(table).reshape(-1, pool.dim)[:count]
 
 
-def store_entries(pool: torch.Tensor, blocks: list[int], first: int, entries: torch.Tensor) -> None:
+def store_entries(pool: PagedPool, blocks: list[int], first: int, entries: torch.Tensor) -> None:
     """Write entries `first ..` of a request's paged sequence; its blocks must already be reserved."""
     if entries.shape[0] == 0:
         return
-    per_block = pool.shape[1]
     idx = torch.arange(first, first + entries.shape[0])
-    if int(idx[-1]) // per_block >= len(blocks):
+    if int(idx[-1]) // pool.entries >= len(blocks):
         raise RuntimeError(f"no block reserved for compressed entry {int(idx[-1])}; reserve before the forward")
-    table = torch.tensor(blocks, dtype=torch.long)[idx // per_block]
-    pool[table.to(pool.device), (idx % per_block).to(pool.device)] = entries.to(pool.dtype)
+    table = torch.tensor(blocks, dtype=torch.long)[idx // pool.entries]
+    device = pool.tensor.device
+    pool.write(table.to(device), (idx % pool.entries).to(device), entries)
 
 
 @dataclass(slots=True)
@@ -63,39 +65,42 @@ class SequenceState:
 class KVStorage:
     """Page pools for one model: rings, compressed entries, index keys, compressor accumulators.
 
-    Main entries and index keys are stored in `dtype` (float32 or bf16 here; FP8 pages are a
-    GPU storage format); accumulators are always float32 `[blocks, n_acc, 3, width]` with
-    rows (running max, sum of exponentials, weighted sum).
+    `main_format` ("float", or "main_fp8": 584-byte entries at V4 shapes) stores window and
+    compressed K=V entries; `index_format` ("float", "index_fp8", "index_fp4") the indexer keys.
+    Float pools hold `dtype`. Accumulators are always float32 `[blocks, n_acc, 3, width]` with rows
+    (running max, sum of exponentials, weighted sum).
     """
 
-    # zero-filled: a masked slot still enters the weighted sum as 0 * value, which must not be NaN
-    def __init__(self, cfg: ModelConfig, sizes: dict[str, int], dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ModelConfig, sizes: dict[str, int], dtype: torch.dtype, device: torch.device | str = "cpu",
+                 main_format: str = FLOAT, index_format: str = FLOAT):
         self.cfg = cfg
         self.sizes = sizes
         self.dtype = dtype
         self.device = torch.device(device)
+        self.main_format, self.index_format = main_format, index_format
         # the fused Triton kernels serve CUDA caches; the PyTorch reference serves the CPU
         self.use_kernels = self.device.type == "cuda"
         c, ci, w = cfg.head_dim, cfg.index_head_dim, cfg.window
         self.csa_entries = entries_per_block(cfg.csa_rate)
         self.hca_entries = entries_per_block(cfg.hca_rate)
-        self.ring = [self._empty(sizes["swa"], w, c) for _ in range(cfg.num_layers)]
-        self.comp: dict[int, torch.Tensor] = {}
-        self.index: dict[int, torch.Tensor] = {}
+
+        def main(blocks: int, entries: int) -> PagedPool:
+            return PagedPool(blocks, entries, c, main_format, dtype, self.device, cfg.rope_dim)
+
+        self.ring = [main(sizes["swa"], w) for _ in range(cfg.num_layers)]
+        self.comp: dict[int, PagedPool] = {}
+        self.index: dict[int, PagedPool] = {}
         self.acc: dict[int, torch.Tensor] = {}
         self.index_acc: dict[int, torch.Tensor] = {}
         for layer, kind in enumerate(cfg.layer_types):
             if kind == CSA:
-                self.comp[layer] = self._empty(sizes["csa_kv"], self.csa_entries, c)
-                self.index[layer] = self._empty(sizes["csa_index"], self.csa_entries, ci)
+                self.comp[layer] = main(sizes["csa_kv"], self.csa_entries)
+                self.index[layer] = PagedPool(sizes["csa_index"], self.csa_entries, ci, index_format, dtype, self.device, cfg.rope_dim)
                 self.acc[layer] = torch.zeros(sizes["state"], 2, 3, c, dtype=torch.float32, device=self.device)
                 self.index_acc[layer] = torch.zeros(sizes["state"], 2, 3, ci, dtype=torch.float32, device=self.device)
             elif kind == HCA:
-                self.comp[layer] = self._empty(sizes["hca_kv"], self.hca_entries, c)
+                self.comp[layer] = main(sizes["hca_kv"], self.hca_entries)
                 self.acc[layer] = torch.zeros(sizes["state"], 1, 3, c, dtype=torch.float32, device=self.device)
-
-    def _empty(self, blocks: int, entries: int, dim: int) -> torch.Tensor:
-        return torch.zeros(blocks, entries, dim, dtype=self.dtype, device=self.device)
 
     def entries_per_block(self, layer: int) -> int:
         return self.csa_entries if self.cfg.layer_types[layer] == CSA else self.hca_entries
@@ -112,7 +117,7 @@ class KVStorage:
     def copy_block(self, kind: str, src: int, dst: int) -> None:
         """Copy one block of a kind in every layer (snapshots for prefix caching, preemption)."""
         if kind == "swa":
-            pools = self.ring
+            pools = [pool.tensor for pool in self.ring]
         elif kind == "state":
             pools = [*self.acc.values(), *self.index_acc.values()]
         else:
@@ -121,5 +126,6 @@ class KVStorage:
             pool[dst].copy_(pool[src])
 
     def nbytes(self) -> int:
-        pools = [*self.ring, *self.comp.values(), *self.index.values(), *self.acc.values(), *self.index_acc.values()]
-        return sum(p.numel() * p.element_size() for p in pools)
+        pools = [*self.ring, *self.comp.values(), *self.index.values()]
+        accs = [*self.acc.values(), *self.index_acc.values()]
+        return sum(p.nbytes() for p in pools) + sum(a.numel() * a.element_size() for a in accs)

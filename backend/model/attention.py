@@ -51,9 +51,13 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(cfg.hidden_size, self.heads, dtype)
         self.compressor = Compressor(cfg, cfg.csa_rate, self.dim, overlap=True, dtype=dtype)
 
-    def queries(self, c_q: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, c_q: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index queries `[N, heads, dim]` (rotated like the stored keys, if they are) and head weights."""
         q = self.wq_b(c_q).view(-1, self.heads, self.dim)
         q = ops.apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+        if rotation is not None:
+            q = (q.float() @ rotation).to(q.dtype)
         return q, self.weights_proj(x).float() * self.heads**-0.5
 
 
@@ -120,13 +124,15 @@ class Attention(nn.Module):
         start, count = seq.position, x.shape[0]
         positions = torch.arange(start, start + count, device=x.device)
         q, kv, c_q, cos, sin = self._project(x, positions)
-        ring = kv_store.ring[self.layer][seq.ring_block]
+        ring = kv_store.ring[self.layer]
         history = min(start, window - 1)
         hist_pos = torch.arange(start - history, start, device=x.device)
-        raw = torch.cat([ring[hist_pos % window].to(kv.dtype), kv])
+        hist = ring.read(torch.full_like(hist_pos, seq.ring_block), hist_pos % window)
+        # this chunk's keys exactly as they will read back from the cache (FP8 / bf16 storage)
+        raw = torch.cat([hist.to(kv.dtype), ring.round_trip(kv)])
         raw_pos = torch.cat([hist_pos, positions])
         tail = positions[-window:]
-        ring[tail % window] = kv[-tail.shape[0]:].to(ring.dtype)
+        ring.write(torch.full_like(tail, seq.ring_block), tail % window, kv[-tail.shape[0]:])
 
         comp_keys = picks = None
         if self.compressor is not None:
@@ -135,7 +141,7 @@ class Attention(nn.Module):
         if self.indexer is not None:
             idx_keys = self._compress_prefill(self.indexer.compressor, x, positions, seq, kv_store.index,
                                               kv_store.index_acc, seq.csa_index_blocks)
-            iq, iw = self.indexer.queries(c_q, x, cos, sin)
+            iq, iw = self.indexer.queries(c_q, x, cos, sin, kv_store.index[self.layer].rotation)
             scores = index_scores(iq, iw, idx_keys, self.indexer.dim)
             picks = select_topk(scores, (positions + 1) // self.rate, self.indexer.topk)
 
@@ -176,12 +182,12 @@ class Attention(nn.Module):
         window = self.cfg.window
         positions = torch.tensor([s.position for s in seqs], device=x.device)
         q, kv, c_q, cos, sin = self._project(x, positions)
-        ring_pool = kv_store.ring[self.layer]
+        ring = kv_store.ring[self.layer]
         ring_blocks = torch.tensor([s.ring_block for s in seqs], device=x.device)
-        ring_pool[ring_blocks, positions % window] = kv.to(ring_pool.dtype)
+        ring.write(ring_blocks, positions % window, kv)
         slots = torch.arange(window, device=x.device).view(1, -1)
         slot_pos = positions.view(-1, 1) - (positions.view(-1, 1) - slots) % window
-        groups = [KeyGroup(ring_pool[ring_blocks].to(q.dtype), slot_pos >= 0)]
+        groups = [KeyGroup(ring.read_pages(ring_blocks).to(q.dtype), slot_pos >= 0)]
 
         if self.compressor is not None:
             main_tables = [kv_store.comp_blocks(s, self.layer) for s in seqs]
@@ -220,6 +226,6 @@ class Attention(nn.Module):
         pool = kv_store.index[self.layer]
         keys = [gather_entries(pool, t, n) for t, n in zip(tables, counts)]
         padded, _ = _pad_stack(keys, self.indexer.dim, x.float())
-        iq, iw = self.indexer.queries(c_q, x, cos, sin)
+        iq, iw = self.indexer.queries(c_q, x, cos, sin, pool.rotation)
         scores = index_scores(iq, iw, padded, self.indexer.dim)
         return select_topk(scores, torch.tensor(counts, device=x.device), self.indexer.topk)

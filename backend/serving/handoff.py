@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CSA, ModelConfig
-from ..kv_cache.storage import KVStorage, SequenceState, gather_entries, store_entries
+from ..kv_cache.storage import KVStorage, SequenceState
 
 FORMAT_VERSION = 1
-_DTYPES = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
-_CODES = {v: k for k, v in _DTYPES.items()}
+_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 class HandoffError(ValueError):
@@ -44,6 +43,12 @@ class StateHeader:
         return cls(*values)
 
 
+def _storage_code(storage: KVStorage) -> int:
+    """Compute dtype and storage formats in one number: both sides must lay pages out alike."""
+    formats = ("float", "main_fp8", "index_fp8", "index_fp4")
+    return _CODES[storage.dtype] + 16 * formats.index(storage.main_format) + 256 * formats.index(storage.index_format)
+
+
 def _plan(cfg: ModelConfig) -> list[tuple[str, int]]:
     """The payload's items in order: (what, layer)."""
     items: list[tuple[str, int]] = []
@@ -66,22 +71,27 @@ def _table(storage: KVStorage, seq: SequenceState, what: str, layer: int) -> lis
 
 
 def _read(storage: KVStorage, seq: SequenceState, what: str, layer: int, position: int) -> torch.Tensor:
+    """The raw pages (float or packed) or accumulators holding one item of the request's state."""
     pool = _pool(storage, what, layer)
     if what == "ring":
-        return pool[seq.ring_block]
+        return pool.tensor[seq.ring_block]
     if what in ("acc", "index_acc"):
         return pool[seq.state_block]
-    return gather_entries(pool, _table(storage, seq, what, layer), position // storage.cfg.compress_rate(layer))
+    pages = -(-(position // storage.cfg.compress_rate(layer)) // pool.entries)
+    table = torch.tensor(_table(storage, seq, what, layer)[:pages], dtype=torch.long, device=pool.tensor.device)
+    return pool.tensor[table]
 
 
-def _write(storage: KVStorage, seq: SequenceState, what: str, layer: int, value: torch.Tensor) -> None:
+def _write(storage: KVStorage, seq: SequenceState, what: str, layer: int, value: torch.Tensor, position: int) -> None:
     pool = _pool(storage, what, layer)
     if what == "ring":
-        pool[seq.ring_block].copy_(value)
+        pool.tensor[seq.ring_block].copy_(value)
     elif what in ("acc", "index_acc"):
         pool[seq.state_block].copy_(value)
     else:
-        store_entries(pool, _table(storage, seq, what, layer), 0, value)
+        pages = value.shape[0]
+        table = torch.tensor(_table(storage, seq, what, layer)[:pages], dtype=torch.long, device=pool.tensor.device)
+        pool.tensor[table] = value
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +103,7 @@ def export_state(storage: KVStorage, seq: SequenceState) -> tuple[StateHeader, t
     parts = [_as_bytes(_read(storage, seq, what, layer, seq.position)) for what, layer in _plan(storage.cfg)]
     payload = torch.cat(parts)
     header = StateHeader(FORMAT_VERSION, seq.position, storage.cfg.num_layers, storage.cfg.window,
-                         _CODES[storage.dtype], payload.numel())
+                         _storage_code(storage), payload.numel())
     return header, payload
 
 
@@ -102,7 +112,7 @@ def import_state(storage: KVStorage, seq: SequenceState, header: StateHeader, pa
     cfg: ModelConfig = storage.cfg
     if header.version != FORMAT_VERSION:
         raise HandoffError(f"kv_header version {header.version}, expected {FORMAT_VERSION}")
-    if (header.num_layers, header.window) != (cfg.num_layers, cfg.window) or _DTYPES.get(header.dtype_code) != storage.dtype:
+    if (header.num_layers, header.window) != (cfg.num_layers, cfg.window) or header.dtype_code != _storage_code(storage):
         raise HandoffError(f"kv state for {header.num_layers} layers / window {header.window} / dtype code "
                            f"{header.dtype_code} does not match this model's cache")
     if payload.numel() != header.payload_bytes:
@@ -115,7 +125,7 @@ def import_state(storage: KVStorage, seq: SequenceState, header: StateHeader, pa
         if offset + size > payload.numel():
             raise HandoffError("kv_state is shorter than its layout needs")
         value = payload[offset:offset + size].view(like.dtype).view(like.shape)
-        _write(storage, seq, what, layer, value)
+        _write(storage, seq, what, layer, value, header.position)
         offset += size
     if offset != payload.numel():
         raise HandoffError(f"kv_state has {payload.numel() - offset} bytes more than its layout needs")

@@ -61,10 +61,10 @@ class PrefillStage:
     """
 
     def __init__(self, model_dir: str | Path, device: str, dtype: torch.dtype, max_model_len: int,
-                 cache_bytes: int, snapshot_slots: int = 64, snapshot_interval: int = 0):
+                 cache_bytes: int, snapshot_slots: int = 64, snapshot_interval: int = 0, kv_format: str = "float"):
         self.model = load_model(model_dir, dtype=dtype, device=device, progress=False)
         self.cache = PagedCache.from_budget(self.model.cfg, dtype, device, cache_bytes, max_model_len,
-                                            max_num_seqs=1, snapshots=snapshot_slots)
+                                            max_num_seqs=1, snapshots=snapshot_slots, kv_format=kv_format)
         self.snapshot_interval = snapshot_interval
         self.eos = sorted(self.model.cfg.eos_token_ids)
         self.stats = PrefillStats()

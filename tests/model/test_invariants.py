@@ -78,6 +78,6 @@ def test_compressed_entry_counts_follow_floor_t_over_rate(hf_a):
         if rate:
             pool = runner.storage.comp[layer]
             blocks = runner.storage.comp_blocks(seq, layer)
-            flat = pool[torch.tensor(blocks)].reshape(-1, pool.shape[-1])
+            flat = pool.tensor[torch.tensor(blocks)].reshape(-1, pool.dim)
             written = int((flat.abs().sum(-1) > 0).sum())
             assert written == 203 // rate, (layer, written)

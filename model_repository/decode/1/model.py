@@ -57,7 +57,7 @@ class TritonPythonModel:
         model = load_model(params["model_dir"], dtype=dtype, device=device, progress=False)
         max_len = min(int(params["max_model_len"]), model.cfg.max_position_embeddings)
         cache = PagedCache.from_budget(model.cfg, dtype, device, int(params["kv_cache_bytes"]), max_len,
-                                       max_num_seqs=int(params["max_sequences"]))
+                                       max_num_seqs=int(params["max_sequences"]), kv_format=params["kv_format"])
         self.engine = DecodeEngine(model, cache, TextCodec.load(params["model_dir"]), self._sink,
                                    int(params["max_batch"]), int(params["max_waiting"]))
         self.outbox = queue.Queue()

@@ -33,7 +33,8 @@ class TritonPythonModel:
             **KV_METRICS,
         })
         self.stage = PrefillStage(params["model_dir"], device, DTYPES[params["dtype"]], limits.max_model_len,
-                                  int(params["prefix_cache_bytes"]), snapshot_interval=int(params["snapshot_interval"]))
+                                  int(params["prefix_cache_bytes"]), snapshot_interval=int(params["snapshot_interval"]),
+                                  kv_format=params["kv_format"])
 
     def execute(self, requests):
         responses = []
