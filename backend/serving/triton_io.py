@@ -34,6 +34,21 @@ def read_inputs(pb: Any, request: Any, names: tuple[str, ...]) -> dict[str, np.n
     return out
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def instance_device(args: dict, params: dict[str, str]) -> str:
+    """The device this model instance runs on: Triton does not set one for Python models."""
+    device = params["device"]
+    return f"cuda:{args.get('model_instance_device_id', '0')}" if device == "cuda" else device
+
+
+def compute_dtype(params: dict[str, str]) -> Any:
+    import torch
+
+    return getattr(torch, DTYPES[params["dtype"]])
+
+
 def request_parameters(request: Any) -> dict[str, Any]:
     raw = request.parameters()
     return json.loads(raw) if raw else {}

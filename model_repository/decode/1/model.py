@@ -21,11 +21,11 @@ from dsv4.backend.serving.decode_engine import Arrival, DecodeEngine
 from dsv4.backend.serving.handoff import StateHeader
 from dsv4.backend.serving.request import RequestConfig
 from dsv4.backend.serving.triton_io import (
-    KV_METRICS, MetricSet, chunk_tensors, error_response, model_parameters, report_kv_usage, watch_parent,
+    KV_METRICS, MetricSet, chunk_tensors, compute_dtype, error_response, instance_device, model_parameters, report_kv_usage,
+    watch_parent,
 )
 from dsv4.backend.tokenizer import TextCodec
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_S = 0.1
 BUCKETS = {
@@ -45,10 +45,8 @@ def _input_torch(request, name, device):
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
-        device = params["device"]
-        if device == "cuda":
-            device = f"cuda:{args.get('model_instance_device_id', '0')}"
-        dtype = DTYPES[params["dtype"]]
+        device = instance_device(args, params)
+        dtype = compute_dtype(params)
         if device == "cpu":
             # one thread: a tiny decode step is overhead-bound, and the other core is left for the
             # stages and IPC that carry tokens out and cancellations in

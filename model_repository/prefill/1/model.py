@@ -6,9 +6,10 @@ import triton_python_backend_utils as pb_utils
 
 from dsv4.backend.serving.request import RequestConfig
 from dsv4.backend.serving.stages import PrefillStage, serving_limits
-from dsv4.backend.serving.triton_io import KV_METRICS, MetricSet, error_response, model_parameters, report_kv_usage
+from dsv4.backend.serving.triton_io import (
+    KV_METRICS, MetricSet, compute_dtype, error_response, instance_device, model_parameters, report_kv_usage,
+)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _device_tensor(name, t):
@@ -20,9 +21,7 @@ def _device_tensor(name, t):
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
-        device = params["device"]
-        if device == "cuda":
-            device = f"cuda:{args.get('model_instance_device_id', '0')}"
+        device = instance_device(args, params)
         limits = serving_limits(params["model_dir"], int(params["max_model_len"]), 1)
         self.metrics = MetricSet(pb_utils, {
             "dsv4_prefix_cache_hits_total": ("counter", "Prompts that resumed from a cached prefix"),
@@ -32,7 +31,7 @@ class TritonPythonModel:
             "dsv4_prefill_computed_tokens_total": ("counter", "Prompt tokens prefill actually ran"),
             **KV_METRICS,
         })
-        self.stage = PrefillStage(params["model_dir"], device, DTYPES[params["dtype"]], limits.max_model_len,
+        self.stage = PrefillStage(params["model_dir"], device, compute_dtype(params), limits.max_model_len,
                                   int(params["prefix_cache_bytes"]), snapshot_interval=int(params["snapshot_interval"]),
                                   kv_format=params["kv_format"])
 
