@@ -8,6 +8,7 @@ prefill and decode stages run in one process or two, and whatever else shares th
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,19 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: lis
     return sample(logits, params, gens)
 
 
+class PrefillCancelled(RuntimeError):
+    """The caller's `should_stop` turned true between two prefill chunks."""
+
+
 def prefill_prompt(model: Transformer, storage: KVStorage, seq: SequenceState, prompt: torch.Tensor,
-                   chunk: int = PREFILL_CHUNK, all_logits: bool = False) -> torch.Tensor:
+                   chunk: int = PREFILL_CHUNK, all_logits: bool = False,
+                   should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Run the prompt (from seq.position) in chunks; returns the last position's logits [1, V]
-    (or every position's [S, V] when `all_logits`)."""
+    (or every position's [S, V] when `all_logits`). `should_stop` is polled between chunks."""
     outs = []
     for lo in range(0, prompt.shape[0], chunk):
+        if should_stop is not None and lo and should_stop():
+            raise PrefillCancelled(f"cancelled after {lo} of {prompt.shape[0]} prompt tokens")
         out = model.prefill(prompt[lo:lo + chunk], seq, storage, all_logits=all_logits)
         outs.append(out)
     return torch.cat(outs) if all_logits else outs[-1]

@@ -67,6 +67,7 @@ def template_values(args, model_dir: Path) -> dict[str, str]:
         "max_batch": str(args.max_batch), "max_sequences": str(args.max_sequences), "max_waiting": str(args.max_waiting),
         "kv_cache_bytes": str(int(args.kv_cache_gib * (1 << 30))), "prefix_cache_bytes": str(int(args.prefix_cache_gib * (1 << 30))),
         "snapshot_interval": str(args.snapshot_interval), "decode_cpu_threads": str(args.decode_cpu_threads),
+        "prefill_cpu_threads": str(args.prefill_cpu_threads),
         "tokenizer_instances": str(args.tokenizer_instances), "unary_instances": str(args.unary_instances),
     }
 
@@ -92,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefix-cache-gib", type=float, default=0.25, help="prefill's pool: the running prompt plus cached prefixes")
     p.add_argument("--snapshot-interval", type=int, default=4, help="prefix-cache resume points every N 256-token blocks (besides each prompt's last block)")
     p.add_argument("--decode-cpu-threads", type=int, default=1, help="torch threads of the decode stage on --device cpu")
+    p.add_argument("--prefill-cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="torch threads of the prefill stage on --device cpu (default: all cores but one, left to decode)")
     p.add_argument("--tokenizer-instances", type=int, default=2)
     p.add_argument("--unary-instances", type=int, default=4)
     p.add_argument("--cuda-memory-pool-byte-size", type=int, default=None, help="server CUDA pool for the prefill->decode handoff (default: sized for max-model-len)")

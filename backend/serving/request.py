@@ -104,8 +104,13 @@ INPUT_NAMES = ("text_input", "max_tokens", "min_tokens", "stream", "temperature"
 MAX_CHARS_PER_TOKEN = 32
 
 
+# the generate extension's request `id` arrives as a parameter; it only labels the request
+HARMLESS_PARAMETERS = ("id",)
+
+
 def check_parameters(parameters: dict[str, Any]) -> None:
     """Request parameters are not used by this model; a misspelled input would otherwise vanish silently."""
+    parameters = {k: v for k, v in parameters.items() if k not in HARMLESS_PARAMETERS}
     for name in parameters:
         if name in RESERVED_PARAMETERS or name.startswith("triton_"):
             raise RequestError(name, "is a reserved Triton parameter name and cannot be used with this model")

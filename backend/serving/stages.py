@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -70,8 +71,12 @@ class PrefillStage:
         self.stats = PrefillStats()
         self._ids = 0
 
-    def run(self, input_ids: np.ndarray, config: RequestConfig) -> tuple[int, StateHeader, torch.Tensor]:
-        """-> (first token, header, payload); the payload lives on the model's device."""
+    def run(self, input_ids: np.ndarray, config: RequestConfig,
+            should_stop: Callable[[], bool] | None = None) -> tuple[int, StateHeader, torch.Tensor]:
+        """-> (first token, header, payload); the payload lives on the model's device.
+
+        `should_stop` (the client cancelled) is polled between chunks: `PrefillCancelled` stops the
+        work early and frees the request's blocks."""
         ids = [int(t) for t in np.asarray(input_ids).reshape(-1)]
         self._ids += 1
         rid = f"prefill-{self._ids}"
@@ -85,7 +90,7 @@ class PrefillStage:
             prompt = torch.as_tensor(ids, dtype=torch.long, device=self.model.device)
             stops = [b * BLOCK_TOKENS for b in snapshot_boundaries(len(ids), self.snapshot_interval) if b * BLOCK_TOKENS > start]
             for end in [*stops, len(ids)]:
-                logits = prefill_prompt(self.model, self.cache.storage, seq, prompt[seq.position:end])
+                logits = prefill_prompt(self.model, self.cache.storage, seq, prompt[seq.position:end], should_stop=should_stop)
                 if end < len(ids):
                     self.cache.save_snapshot(rid, hashes)
             self.cache.publish(rid, hashes)

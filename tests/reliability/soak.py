@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +45,11 @@ def _rss_by_process(workdir: Path) -> dict[str, int]:
     return rss
 
 
+def _median_rss(samples: list[dict]) -> dict[str, float]:
+    roles = set.intersection(*(set(s["rss_kib"]) for s in samples))
+    return {role: statistics.median(s["rss_kib"][role] for s in samples) for role in roles}
+
+
 def _metric_sum(url: str, prefix: str) -> float:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
@@ -59,7 +65,7 @@ def _locust(host: str, users: int, seconds: int, raw: Path, log: Path) -> subpro
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES", 10)))
-    parser.add_argument("--warmup-s", type=int, default=60)
+    parser.add_argument("--warmup-s", type=int, default=180, help="load before memory is compared (caches and pools fill)")
     parser.add_argument("--users", type=int, default=16, help="concurrent streams (saturates 2 CPU cores)")
     parser.add_argument("--out", type=Path, default=Path("runs/soak"))
     args = parser.parse_args(argv)
@@ -84,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         while locust.poll() is None:
             samples.append({"t": round(time.monotonic() - start, 1), "rss_kib": _rss_by_process(work)})
             time.sleep(15)
-        time.sleep(3)
+        # Locust drops its users' streams when time is up; decode finishes them, then must hold nothing
+        deadline = time.monotonic() + 300
+        running = 1.0
+        while running and time.monotonic() < deadline:
+            time.sleep(2)
+            running = _metric_sum(metrics_url, "vllm:num_requests_running") + _metric_sum(metrics_url, "vllm:num_requests_waiting")
+        time.sleep(1)
         after = _rss_by_process(work)
         kv_used = _metric_sum(metrics_url, "dsv4_kv_blocks_used{")
-        running = _metric_sum(metrics_url, "vllm:num_requests_running") + _metric_sum(metrics_url, "vllm:num_requests_waiting")
     finally:
         serve.terminate()
         serve.wait(90)
@@ -96,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [dict(zip(header, line.split(","))) for line in stats[1:]]
     aggregated = next(r for r in rows if r.get("Name") == "Aggregated")
     failures, requests = int(aggregated["Failure Count"]), int(aggregated["Request Count"])
-    warm = next(s for s in samples if s["t"] >= args.warmup_s)["rss_kib"]
-    last = samples[-1]["rss_kib"]
+    # a minute of samples on each side: long prompts make transient peaks, a leak moves the median
+    warm = _median_rss([s for s in samples if args.warmup_s <= s["t"] < args.warmup_s + 60])
+    last = _median_rss([s for s in samples if s["t"] >= samples[-1]["t"] - 60])
     growth = {role: (last[role] - warm[role]) / warm[role] for role in warm if role in last}
     result = {"minutes": args.minutes, "users": args.users, "requests": requests, "failures": failures,
               "kv_blocks_used_after": kv_used, "requests_held_after": running, "rss_growth": growth,
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     print(f"soak: {args.minutes:g} min at {args.users} streams: {requests} requests, {failures} failures, "
           f"KV blocks in use afterwards {kv_used:g}, requests held {running:g}")
-    print("| process | RSS after warm-up (MiB) | RSS at end (MiB) | growth |\n|---|---|---|---|")
+    print("| process | RSS, minute after warm-up (MiB, median) | RSS, last minute (MiB, median) | growth |\n|---|---|---|---|")
     for role in sorted(growth):
         print(f"| {role} | {warm[role] / 1024:.0f} | {last[role] / 1024:.0f} | {growth[role] * 100:+.1f}% |")
     ok = failures == 0 and kv_used == 0 and running == 0 and all(g < GROWTH_LIMIT for g in growth.values())

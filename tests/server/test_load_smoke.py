@@ -82,12 +82,15 @@ def run_scenario(server, out: Path, scenario: str, duration: str) -> dict:
     return json.loads((out / "report" / "summary.json").read_text())
 
 
-def wait_until_idle(metrics_url: str, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
+def wait_until_idle(metrics_url: str, timeout: float = 15.0) -> float:
+    """Seconds until decode holds no request, running or waiting (fails after ``timeout``)."""
+    start = time.monotonic()
     while (metric(metrics_url, "vllm:num_requests_running") or metric(metrics_url, "vllm:num_requests_waiting")):
-        assert time.monotonic() < end, "the server still holds requests after the load stopped"
+        assert time.monotonic() - start < timeout, "the server still holds requests after the load stopped"
         time.sleep(0.1)
+    waited = time.monotonic() - start
     time.sleep(0.3)  # gauges are published every 0.1 s
+    return waited
 
 
 @pytest.fixture(autouse=True)
@@ -144,7 +147,14 @@ def test_short_chat_four_users_twenty_seconds(server, tmp_path):
 
 
 def test_cancel_churn_leaves_no_request_state_or_kv(server, tmp_path):
-    summary = run_scenario(server, tmp_path, "cancel_churn", "10s")
+    with RunningMax(server.metrics_url, "vllm:num_requests_running") as running:
+        summary = run_scenario(server, tmp_path, "cancel_churn", "10s")
+        # abandoned streams stop: no pile-up behind the users (one more while a cancel lands), and the
+        # requests Locust cut off at the end (up to 256 tokens, ~10 s here) are gone at once
+        idle_after_s = wait_until_idle(server.metrics_url, timeout=30.0)
+    print(f"cancel_churn: idle {idle_after_s:.2f} s after the run, at most {running.value:.0f} requests running")
+    assert running.value <= USERS + 1, f"{running.value:.0f} requests running for {USERS} users"
+    assert idle_after_s < 5.0, f"requests cut off at the end still ran for {idle_after_s:.1f} s"
     (run,) = summary["runs"]
     assert run["num_errors"] == 0 and run["num_cancelled"] >= 2, run
     samples = read_samples([tmp_path / f"raw-u{USERS}.jsonl"])
@@ -152,7 +162,6 @@ def test_cancel_churn_leaves_no_request_state_or_kv(server, tmp_path):
         if s["status"] == "cancelled":  # abandoned after a drawn number (1..64) of tokens
             assert 1 <= s["num_output_tokens"] <= 64 + 4 and s["finish_reason"] == "cancelled"
 
-    wait_until_idle(server.metrics_url)
     assert metric(server.metrics_url, "vllm:num_requests_running") == 0
     assert metric(server.metrics_url, "vllm:num_requests_waiting") == 0
     used = metric_samples(server.metrics_url, "dsv4_kv_blocks_used")

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from dsv4.backend.generate import PrefillCancelled
 from dsv4.backend.serving.request import RequestConfig
 from dsv4.backend.serving.stages import PrefillStage, serving_limits
 from dsv4.backend.serving.triton_io import (
@@ -22,6 +23,8 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         device = instance_device(args, params)
+        if device == "cpu":
+            torch.set_num_threads(int(params["cpu_threads"]))
         limits = serving_limits(params["model_dir"], int(params["max_model_len"]), 1)
         self.metrics = MetricSet(pb_utils, {
             "dsv4_prefix_cache_hits_total": ("counter", "Prompts that resumed from a cached prefix"),
@@ -41,7 +44,10 @@ class TritonPythonModel:
             try:
                 ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
                 raw = pb_utils.get_input_tensor_by_name(request, "request_config").as_numpy().reshape(-1)[0]
-                token, header, payload = self.stage.run(ids, RequestConfig.from_json(raw))
+                token, header, payload = self.stage.run(ids, RequestConfig.from_json(raw), request.is_cancelled)
+            except PrefillCancelled as exc:
+                responses.append(error_response(pb_utils, "CANCELLED", f"prefill {exc}"))
+                continue
             except Exception as exc:  # one failed prompt must not take the stage down
                 responses.append(error_response(pb_utils, "INTERNAL", f"prefill failed: {exc}"))
                 continue
