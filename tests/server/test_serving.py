@@ -105,3 +105,19 @@ def test_seeded_sampling_is_reproducible_and_seed_sensitive(server):
     b = grpc_stream(server.grpc_url, "Sampling", max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=7)
     c = grpc_stream(server.grpc_url, "Sampling", max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=8)
     assert a.ids == b.ids and a.ids != c.ids
+
+
+def test_served_output_equals_the_dsv4_generate_command(server, tiny_dir):
+    import json
+    import subprocess
+    import sys
+
+    prompt = "The command-line tool and the server agree"
+    result = subprocess.run([sys.executable, "-m", "dsv4.scripts.generate", "--model", str(tiny_dir), "--prompt", prompt,
+                             "--max-tokens", "20", "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = json.loads(result.stdout)
+    stream = grpc_stream(server.grpc_url, prompt, max_tokens=20, temperature=0.0)
+    status, body = http_generate(server.http_url, prompt, max_tokens=20, temperature=0.0, exclude_input_in_output=True)
+    assert stream.ids == expected["token_ids"] and stream.text == expected["text"]
+    assert status == 200 and body["output_ids"] == expected["token_ids"] and body["text_output"] == expected["text"]
