@@ -82,7 +82,7 @@ def _read(storage: KVStorage, seq: SequenceState, what: str, layer: int, positio
     return pool.tensor[table]
 
 
-def _write(storage: KVStorage, seq: SequenceState, what: str, layer: int, value: torch.Tensor, position: int) -> None:
+def _write(storage: KVStorage, seq: SequenceState, what: str, layer: int, value: torch.Tensor) -> None:
     pool = _pool(storage, what, layer)
     if what == "ring":
         pool.tensor[seq.ring_block].copy_(value)
@@ -125,7 +125,7 @@ def import_state(storage: KVStorage, seq: SequenceState, header: StateHeader, pa
         if offset + size > payload.numel():
             raise HandoffError("kv_state is shorter than its layout needs")
         value = payload[offset:offset + size].view(like.dtype).view(like.shape)
-        _write(storage, seq, what, layer, value, header.position)
+        _write(storage, seq, what, layer, value)
         offset += size
     if offset != payload.numel():
         raise HandoffError(f"kv_state has {payload.numel() - offset} bytes more than its layout needs")
