@@ -15,6 +15,7 @@ import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +26,8 @@ EPILOG = """example:
 """
 
 
-def _stream_timings(url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(TTFT s, decode tokens/s after the first token, tokens) for one greedy gRPC stream."""
+def stream_arrivals(url: str, prompt: str, max_tokens: int) -> tuple[float, list[tuple[float, int]]]:
+    """One greedy gRPC stream of exactly `max_tokens`: (send time, [(arrival time, tokens in chunk)])."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
@@ -45,26 +46,56 @@ def _stream_timings(url: str, prompt: str, max_tokens: int) -> tuple[float, floa
     client.start_stream(callback=lambda result, error: events.put((time.perf_counter(), result, error)))
     sent = time.perf_counter()
     client.async_stream_infer("dsv4", inputs)
-    first = last = None
-    tokens = 0
-    while True:
-        at, result, error = events.get(timeout=600)
-        if error is not None:
-            raise RuntimeError(error)
-        tokens += len(result.as_numpy("output_ids"))
-        first = first or at
-        last = at
-        if result.as_numpy("finish_reason")[0]:
-            break
-    client.stop_stream()
-    client.close()
-    return first - sent, (tokens - 1) / (last - first) if tokens > 1 else 0.0, tokens
+    arrivals = []
+    try:
+        while True:
+            at, result, error = events.get(timeout=600)
+            if error is not None:
+                raise RuntimeError(error)
+            arrivals.append((at, len(result.as_numpy("output_ids"))))
+            if result.as_numpy("finish_reason")[0]:
+                return sent, arrivals
+    finally:
+        client.stop_stream()
+        client.close()
 
 
-def _prompt(codec, tokens: int) -> str:
+def _stream_timings(url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(TTFT s, decode tokens/s after the first token, tokens) for one greedy gRPC stream."""
+    sent, arrivals = stream_arrivals(url, prompt, max_tokens)
+    tokens = sum(n for _, n in arrivals)
+    first, last = arrivals[0][0], arrivals[-1][0]
+    return first - sent, (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0, tokens
+
+
+def text_prompt(codec, tokens: int) -> str:
     words = " ".join(f"w{i % 97}" for i in range(tokens * 2))
     ids = codec.encode(words, add_bos=False)[: tokens - 1]
     return codec.decode(ids)
+
+
+def start_server(model: Path, device: str, work: Path, extra: list[str]) -> tuple[subprocess.Popen, str, float]:
+    """dsv4-serve on free loopback ports: (process, gRPC url, seconds until it printed ready)."""
+    from dsv4.scripts.triton_launcher import free_ports
+
+    http, grpc, metrics = free_ports(3)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    serve = subprocess.Popen([sys.executable, "-m", "dsv4.scripts.serve", "--model", str(model), "--device", device,
+                              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                              "--workdir", str(work / "server"), *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in serve.stdout:
+        seen.append(line)
+        if "is ready" in line:
+            break
+    else:
+        serve.wait()
+        raise RuntimeError("dsv4-serve exited before it was ready:\n" + "".join(seen[-20:]))
+    # keep reading: a full pipe would block the server's own prints
+    threading.Thread(target=lambda: [None for _ in serve.stdout], daemon=True).start()
+    return serve, f"127.0.0.1:{grpc}", time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,37 +110,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-
     from dsv4.backend.checkpoint.loader import load_model
     from dsv4.backend.generate import generate
     from dsv4.backend.sampler import SamplingParams
     from dsv4.backend.tokenizer import TextCodec
-    from dsv4.scripts.triton_launcher import free_ports
 
     codec = TextCodec.load(args.model)
     lengths = [int(x) for x in args.prompt_tokens.split(",")]
-    http, grpc, metrics = free_ports(3)
-    work = Path("runs/bench_serving")
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    serve = subprocess.Popen([sys.executable, "-m", "dsv4.scripts.serve", "--model", str(args.model), "--device", args.device,
-                              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                              "--max-model-len", str(max(lengths) + args.max_tokens + 8), "--workdir", str(work / "server")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in serve.stdout:
-        if "is ready" in line:
-            break
-    start_s = time.perf_counter() - started
+    serve, url, start_s = start_server(args.model, args.device, Path("runs/bench_serving"),
+                                       ["--max-model-len", str(max(lengths) + args.max_tokens + 8)])
     rows = []
     try:
-        url = f"127.0.0.1:{grpc}"
         _stream_timings(url, "warm up", 4)
         for n in lengths:
             # a different first word per run: a cold prefill every time (no prefix-cache hit) ...
-            runs = [_stream_timings(url, f"run{r} " + _prompt(codec, n), args.max_tokens) for r in range(args.repeats)]
+            runs = [_stream_timings(url, f"run{r} " + text_prompt(codec, n), args.max_tokens) for r in range(args.repeats)]
             # ... then the last prompt again: its full blocks come from the prefix cache
-            hit = _stream_timings(url, f"run{args.repeats - 1} " + _prompt(codec, n), args.max_tokens)
-            rows.append({"prompt": len(codec.encode(_prompt(codec, n))), "ttft": statistics.median(r[0] for r in runs),
+            hit = _stream_timings(url, f"run{args.repeats - 1} " + text_prompt(codec, n), args.max_tokens)
+            rows.append({"prompt": len(codec.encode(text_prompt(codec, n))), "ttft": statistics.median(r[0] for r in runs),
                          "hit_ttft": hit[0], "served_tps": statistics.median(r[1] for r in runs)})
     finally:
         serve.terminate()
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device=args.device, dtype=torch.float32 if args.device == "cpu" else torch.bfloat16, progress=False)
     torch.set_num_threads(int(args.inproc_threads))
     for row, n in zip(rows, lengths):
-        ids = codec.encode(_prompt(codec, n))
+        ids = codec.encode(text_prompt(codec, n))
         generate(model, ids[:8], SamplingParams(temperature=0.0, max_tokens=2))
         t = time.perf_counter()
         generate(model, ids, SamplingParams(temperature=0.0, max_tokens=1))

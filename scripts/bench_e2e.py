@@ -1,0 +1,250 @@
+"""End-to-end benchmark: our engine in-process and through Triton, side by side with transformers
+(eager, the same checkpoint, the same random prompts), printed as markdown for docs/PERFORMANCE.md.
+
+Order matters for memory: the server runs first and is stopped, then both in-process models are
+measured, then transformers is dropped and the longest-sequence probe gets the free memory.
+
+Sections: TTFT by prompt length; decode step by batch and context (with transformers' at the
+batches given by --hf-batches); Triton against in-process at one batch; the prefill -> decode
+handoff; KV bytes per token against dsv4-kv-report; the longest single sequence; the batch-1
+weight-read floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+EPILOG = """examples:
+  python scripts/bench_e2e.py --model /data/flash-mini            # the H200 run (defaults)
+  python scripts/bench_e2e.py --model ~/.cache/dsv4-triton/tiny --device cpu --prompts 256,512 \\
+      --batches 1,4 --contexts 256 --handoff 512 --triton-batch 2 --triton-context 256 --longest 2048 --steps 4
+"""
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (transformers naming)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--kv-format", default="auto", choices=["auto", "float", "fp8", "fp8-fp4"],
+                   help="our KV pages (auto: fp8 on cuda, float on cpu)")
+    p.add_argument("--prompts", default="8192,32768,131072", help="TTFT prompt lengths (tokens)")
+    p.add_argument("--batches", default="1,8,32,128", help="decode batch sizes")
+    p.add_argument("--contexts", default="8192,131072", help="decode contexts (tokens)")
+    p.add_argument("--hf-batches", default="1,8", help="batches also run on transformers")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed (median)")
+    p.add_argument("--handoff", default="8192,131072", help="contexts whose handoff is measured")
+    p.add_argument("--triton-batch", type=int, default=32, help="concurrent streams for Triton vs in-process")
+    p.add_argument("--triton-context", type=int, default=8192, help="prompt tokens of those streams")
+    p.add_argument("--triton-tokens", type=int, default=128, help="tokens each of those streams generates")
+    p.add_argument("--longest", type=int, default=1048576, help="longest-sequence target (capped by the model's positions)")
+    p.add_argument("--longest-fraction", type=float, default=0.85, help="share of free device memory for its KV pool")
+    p.add_argument("--longest-time", type=float, default=300.0, help="seconds the probe may prefill")
+    p.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the weight-read floor (H200: 4.8)")
+    p.add_argument("--no-triton", action="store_true")
+    p.add_argument("--no-transformers", action="store_true")
+    return p
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _ratio(ours, theirs) -> str:
+    if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and ours > 0:
+        return f"{theirs / ours:.1f}x"
+    return "-"
+
+
+def weight_read_bytes(model) -> int:
+    """Bytes one batch-1 decode step must read: every weight except the unused routed experts,
+    the embedding (one row) and the MTP layers."""
+    cfg = model.cfg
+    total = 0
+    for name, p in model.named_parameters():
+        size = p.numel() * p.element_size()
+        if name.startswith("mtp."):
+            continue
+        if name == "embed.weight":
+            size = p.shape[1] * p.element_size()
+        elif ".ffn.experts." in name:
+            size = size * cfg.experts_per_token / cfg.num_experts
+        total += size
+    return int(total)
+
+
+def _served_throughput(url: str, prompts: list[str], tokens: int) -> tuple[float, float]:
+    """Concurrent streams: (tokens/s over the window in which all were decoding, median TTFT s)."""
+    from dsv4.scripts.bench_serving import stream_arrivals
+
+    results: list = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        results[i] = stream_arrivals(url, prompts[i], tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(r is None for r in results):
+        raise RuntimeError("a stream failed; see the server log")
+    lo = max(arr[0][0] for _, arr in results)
+    hi = min(arr[-1][0] for _, arr in results)
+    ttfts = sorted(arr[0][0] - sent for sent, arr in results)
+    counted = sum(n for _, arr in results for at, n in arr if lo < at <= hi)
+    return (counted / (hi - lo) if hi > lo else float("nan")), ttfts[len(ttfts) // 2]
+
+
+def _server_args(args, layout, lengths: list[int]) -> list[str]:
+    longest = max(lengths) + args.triton_tokens + 16
+    decode_bytes = layout.request_bytes(longest).total * max(args.triton_batch, 1) * 1.25
+    prefill_bytes = layout.request_bytes(longest).total * 3
+    return ["--max-model-len", str(longest), "--max-tokens-limit", str(args.triton_tokens),
+            "--max-sequences", str(max(args.triton_batch, 1)), "--max-batch", str(max(args.triton_batch, 1)),
+            "--kv-cache-gib", f"{decode_bytes / 2**30 + 0.25:.2f}", "--prefix-cache-gib", f"{prefill_bytes / 2**30 + 0.25:.2f}",
+            "--kv-format", args.kv_format]
+
+
+def measure_served(args, codec, layout) -> tuple[dict, dict, float]:
+    """TTFT per prompt length and (tokens/s, median TTFT) of the concurrent streams, via Triton."""
+    from dsv4.scripts.bench_serving import _stream_timings, start_server, text_prompt
+
+    lengths = _ints(args.prompts)
+    serve, url, start_s = start_server(args.model, args.device, Path("runs/bench_e2e"),
+                                       _server_args(args, layout, lengths + [args.triton_context]))
+    try:
+        _stream_timings(url, "warm up", 4)
+        ttft = {n: _stream_timings(url, f"t{n} " + text_prompt(codec, n), 2)[0] for n in lengths}
+        prompts = [f"s{i} " + text_prompt(codec, args.triton_context) for i in range(args.triton_batch)]
+        throughput = _served_throughput(url, prompts, args.triton_tokens)
+    finally:
+        serve.terminate()
+        serve.wait(180)
+    return ttft, {"tokens_per_s": throughput[0], "ttft_s": throughput[1]}, start_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from dsv4.backend.checkpoint.loader import load_model
+    from dsv4.backend.kv_cache.paged_cache import layout_for
+    from dsv4.backend.tokenizer import TextCodec
+    from dsv4.scripts import e2e_inproc as ours
+    from dsv4.scripts import e2e_transformers as hf
+    from dsv4.scripts.kv_report import report
+
+    device = torch.device(args.device)
+    if args.kv_format == "auto":
+        args.kv_format = "fp8" if device.type == "cuda" else "float"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    codec = TextCodec.load(args.model)
+    model = load_model(args.model, device=device, dtype=dtype, progress=True)
+    layout = layout_for(model.cfg, dtype, args.kv_format)
+    served_ttft, served_tp, start_s = ({}, {}, float("nan"))
+    if not args.no_triton:
+        served_ttft, served_tp, start_s = measure_served(args, codec, layout)
+
+    print("measuring in-process ...", file=sys.stderr)
+    ours.decode_steps(model, 1, 64, 2, args.kv_format)  # warm-up: allocator, kernel compilation
+    ttft, bytes_per_token, handoffs = {}, {}, {}
+    for n in sorted(set(_ints(args.prompts)) | set(_ints(args.handoff))):
+        done = ours.prefill_one(model, ours.random_prompt(n, model.cfg.vocab_size, n), 2, args.kv_format, num_rows=2)
+        ttft[n] = done.seconds
+        bytes_per_token[n] = ours.kv_bytes_per_token(done, n)
+        if n in _ints(args.handoff):
+            handoffs[n] = ours.handoff(done)
+        del done
+    decode = {}
+    for context in _ints(args.contexts):
+        for batch in _ints(args.batches):
+            try:
+                decode[batch, context] = ours.decode_steps(model, batch, context, args.steps, args.kv_format)
+            except torch.cuda.OutOfMemoryError:
+                decode[batch, context] = {"step_ms": "out of memory", "tokens_per_s": "out of memory", "rows_agree": None}
+            gc.collect()
+    inproc_tp = ours.decode_steps(model, args.triton_batch, args.triton_context, args.steps, args.kv_format)
+
+    hf_ttft, hf_step = {}, {}
+    if not args.no_transformers:
+        print("measuring transformers ...", file=sys.stderr)
+        reference = hf.load(args.model, dtype, device)
+        hf_ttft = {n: hf.prefill_s(reference, n, device, seed=n) for n in _ints(args.prompts)}
+        hf_step = {(b, c): hf.decode_step_ms(reference, b, c, args.steps, device)
+                   for c in _ints(args.contexts) for b in _ints(args.hf_batches)}
+        del reference
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 * 2**30
+    print("longest-sequence probe ...", file=sys.stderr)
+    longest = ours.longest_sequence(model, args.longest, int(free * args.longest_fraction), args.kv_format,
+                                    time_limit_s=args.longest_time,
+                                    progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr))
+
+    floor_ms = weight_read_bytes(model) / (args.hbm_tbps * 1e12) * 1e3
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True).stdout.strip()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"command: python scripts/bench_e2e.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"date: {datetime.date.today()}, device: {name}, commit: {commit}, torch {torch.__version__}, "
+          f"dtype {str(dtype).replace('torch.', '')}, KV {args.kv_format}\n")
+    print(f"server start: {_fmt(start_s)} s\n")
+
+    print("| prompt tokens | TTFT in-process (ms) | TTFT via Triton (ms) | transformers prefill (ms) | speed-up |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in _ints(args.prompts):
+        theirs = hf_ttft.get(n)
+        theirs_ms = theirs * 1e3 if isinstance(theirs, float) else theirs
+        print(f"| {n} | {ttft[n] * 1e3:.1f} | {_fmt(served_ttft[n] * 1e3 if n in served_ttft else None)} | "
+              f"{_fmt(theirs_ms)} | {_ratio(ttft[n] * 1e3, theirs_ms)} |")
+
+    print(f"\n| batch | context | step (ms) | tokens/s | rows agree | transformers step (ms) | speed-up | "
+          f"floor at batch 1: {floor_ms:.2f} ms |")
+    print("|---:|---:|---:|---:|:---:|---:|---:|---:|")
+    for (batch, context), r in decode.items():
+        theirs = hf_step.get((batch, context))
+        ratio = f"{r['step_ms'] / floor_ms:.2f}x floor" if batch == 1 and isinstance(r["step_ms"], float) else ""
+        print(f"| {batch} | {context} | {_fmt(r['step_ms'], '.2f')} | {_fmt(r['tokens_per_s'], '.0f')} | "
+              f"{ {True: 'yes', False: 'NO', None: '-'}[r['rows_agree']]} | {_fmt(theirs, '.2f')} | {_ratio(r['step_ms'], theirs)} | {ratio} |")
+
+    if served_tp:
+        print(f"\nbatch {args.triton_batch} at {args.triton_context} tokens: in-process {inproc_tp['tokens_per_s']:.0f} tok/s, "
+              f"via Triton {_fmt(served_tp['tokens_per_s'], '.0f')} tok/s "
+              f"({_fmt(served_tp['tokens_per_s'] / inproc_tp['tokens_per_s'], '.2f')} of in-process); "
+              f"median TTFT under that load {served_tp['ttft_s'] * 1e3:.0f} ms")
+
+    print("\n| context | handoff bytes | export (ms) | import (ms) |")
+    print("|---:|---:|---:|---:|")
+    for n, h in handoffs.items():
+        print(f"| {n} | {h['bytes']:,} | {h['export_ms']:.2f} | {h['import_ms']:.2f} |")
+
+    print("\n| context | KV bytes/token held | dsv4-kv-report | ratio |")
+    print("|---:|---:|---:|---:|")
+    for n, measured in bytes_per_token.items():
+        expected = report(model.cfg, n, layout.fmt, 0)["total_bytes"] / n
+        print(f"| {n} | {measured:.1f} | {expected:.1f} | {measured / expected:.4f} |")
+
+    print(f"\nlongest single sequence: {longest['tokens']:,} tokens ({longest['stopped']}), prefill "
+          f"{longest['prefill_s']:.1f} s, one decode step there {_fmt(longest['decode_step_ms'], '.2f')} ms, "
+          f"KV held {longest['kv_bytes'] / 2**20:,.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
