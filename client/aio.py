@@ -13,83 +13,42 @@ every gRPC request gets its own bidirectional stream on the shared channel.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import aiohttp
-import grpc
 import tritonclient.grpc.aio as grpcaio
-from tritonclient.utils import InferenceServerException
 
-from .grpc_client import build_inputs
-from .http_client import SSEParser, chunk_from_event, error_from_body
+from .grpc_client import build_inputs, to_client_error
+from .http_client import SSEParser, chunk_from_event, error_from_body, result_from_body
 from .transport import (
     DEFAULT_GRPC_URL,
     DEFAULT_HTTP_URL,
-    ResultBuilder,
-    chunk_from_json,
+    StreamState,
     chunk_from_tensors,
     parse_url,
+    request_id_of,
+    single_result,
+    timeout_of,
 )
 from .types import (
     ClientError,
     ConnectionFailed,
     GenerationRequest,
     GenerationResult,
-    ServerError,
     StreamChunk,
     Timeout,
-    error_from_code,
-    error_from_grpc_status,
-    error_from_message,
 )
 
 __all__ = ["AsyncGrpcClient", "AsyncHttpClient", "AsyncGrpcStream", "AsyncHttpStream"]
 
 
-def _map_grpc_error(e: BaseException) -> ClientError:
-    if isinstance(e, ClientError):
-        return e
-    if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
-        return error_from_code(e.code().name, e.details() or str(e))
-    if isinstance(e, InferenceServerException):
-        return error_from_grpc_status(e.status(), e.message() or str(e))
-    return ConnectionFailed(str(e))
-
-
-class _AsyncStreamBase:
+class _AsyncStreamBase(StreamState):
     def __init__(self, request_id: str, timeout_s: float | None) -> None:
-        self.request_id = request_id
-        self.sent_s = time.perf_counter()
-        self._deadline_s = None if timeout_s is None else self.sent_s + timeout_s
-        self._builder = ResultBuilder(self.sent_s, request_id)
-        self._done = False
-        self._cancelled = False
-        self._end_s: float | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def _remaining(self) -> float | None:
-        if self._deadline_s is None:
-            return None
-        remaining = self._deadline_s - time.perf_counter()
-        if remaining <= 0:
-            self.cancel()
-            raise Timeout(f"request {self.request_id} timed out")
-        return remaining
-
-    def cancel(self) -> None:
-        raise NotImplementedError
+        sent_s = time.perf_counter()
+        super().__init__(request_id, sent_s, None if timeout_s is None else sent_s + timeout_s)
 
     def __aiter__(self) -> _AsyncStreamBase:
         return self
@@ -100,8 +59,7 @@ class _AsyncStreamBase:
     async def result(self) -> GenerationResult:
         async for _ in self:
             pass
-        end = self._end_s if self._cancelled else None
-        return self._builder.build(end_s=end, finish_reason="cancelled" if self._cancelled else None)
+        return self._build(self._end_s if self._cancelled else None)
 
     async def aclose(self) -> None:
         self.cancel()
@@ -128,7 +86,7 @@ class AsyncGrpcStream(_AsyncStreamBase):
     async def __anext__(self) -> StreamChunk:
         while not self._done:
             try:
-                remaining = self._remaining()
+                remaining = self._time_left()
                 item = await asyncio.wait_for(self._responses.__anext__(), remaining)
             except StopAsyncIteration:
                 self._finish()
@@ -145,11 +103,11 @@ class AsyncGrpcStream(_AsyncStreamBase):
                 if self._cancelled:
                     break
                 self._finish(cancel_call=True)
-                raise _map_grpc_error(e) from e
+                raise to_client_error(e) from e
             result, error = item
             if error is not None:
                 self._finish(cancel_call=True)
-                raise _map_grpc_error(error)
+                raise to_client_error(error)
             chunk = _chunk_from_result(result)
             if chunk is not None:
                 self._builder.add(chunk)
@@ -174,7 +132,30 @@ def _chunk_from_result(result: Any) -> StreamChunk | None:
     return chunk_from_tensors(result.as_numpy, time.perf_counter())
 
 
-class AsyncGrpcClient:
+class _AsyncClient:
+    """What both asyncio clients share: ``generate`` drains ``stream``, and the async context."""
+
+    def stream(self, request: GenerationRequest) -> _AsyncStreamBase:
+        raise NotImplementedError
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        stream = self.stream(request)
+        try:
+            return await stream.result()
+        finally:
+            stream.cancel()
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncGrpcClient(_AsyncClient):
     """asyncio client for the ``dsv4`` ensemble over Triton gRPC (one channel, many streams)."""
 
     def __init__(
@@ -192,36 +173,22 @@ class AsyncGrpcClient:
         self.timeout_s = timeout_s
         self._client = grpcaio.InferenceServerClient(endpoint.address, verbose=verbose, ssl=endpoint.ssl)
 
-    def _timeout(self, request: GenerationRequest) -> float | None:
-        return request.timeout_s if request.timeout_s is not None else self.timeout_s
-
     def stream(self, request: GenerationRequest) -> AsyncGrpcStream:
         inputs = build_inputs(request, stream=True, module=grpcaio)
-        request_id = request.request_id or uuid.uuid4().hex
-        return AsyncGrpcStream(self._client, self.model, inputs, request_id, self._timeout(request))
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        stream = self.stream(request)
-        try:
-            return await stream.result()
-        finally:
-            stream.cancel()
+        request_id = request_id_of(request)
+        return AsyncGrpcStream(self._client, self.model, inputs, request_id, timeout_of(request, self.timeout_s))
 
     async def infer(self, request: GenerationRequest) -> GenerationResult:
         inputs = build_inputs(request, stream=False, module=grpcaio)
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request_id_of(request)
         sent_s = time.perf_counter()
         try:
             result = await self._client.infer(
-                self.unary_model, inputs, request_id=request_id, client_timeout=self._timeout(request)
+                self.unary_model, inputs, request_id=request_id, client_timeout=timeout_of(request, self.timeout_s)
             )
         except Exception as e:
-            raise _map_grpc_error(e) from e
-        builder = ResultBuilder(sent_s, request_id)
-        chunk = _chunk_from_result(result)
-        if chunk is not None:
-            builder.add(chunk)
-        return builder.build()
+            raise to_client_error(e) from e
+        return single_result(_chunk_from_result(result), sent_s, request_id)
 
     async def is_ready(self) -> bool:
         try:
@@ -231,12 +198,6 @@ class AsyncGrpcClient:
 
     async def close(self) -> None:
         await self._client.close()
-
-    async def __aenter__(self) -> AsyncGrpcClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 def _map_http_error(e: BaseException) -> ClientError:
@@ -263,7 +224,7 @@ class AsyncHttpStream(_AsyncStreamBase):
         self._eof = False
 
     async def _open(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self._remaining(), sock_connect=self._connect_timeout_s)
+        timeout = aiohttp.ClientTimeout(total=self._time_left(), sock_connect=self._connect_timeout_s)
         response = await self._session.post(
             self._url, json=self._body, headers={"Accept": "text/event-stream"}, timeout=timeout
         )
@@ -286,7 +247,7 @@ class AsyncHttpStream(_AsyncStreamBase):
                 if self._response is None:
                     await self._open()
                     continue
-                data = await asyncio.wait_for(self._response.content.readany(), self._remaining())
+                data = await asyncio.wait_for(self._response.content.readany(), self._time_left())
                 now = time.perf_counter()
                 events = self._parser.feed(data) if data else self._parser.close()
                 self._eof = not data
@@ -324,7 +285,7 @@ class AsyncHttpStream(_AsyncStreamBase):
         self._finish(clean=False)
 
 
-class AsyncHttpClient:
+class AsyncHttpClient(_AsyncClient):
     """asyncio client over Triton's HTTP generate extension (one aiohttp session)."""
 
     def __init__(
@@ -354,26 +315,16 @@ class AsyncHttpClient:
     def _url(self, endpoint: str) -> str:
         return f"{self._base}/v2/models/{quote(self.model, safe='')}/{endpoint}"
 
-    def _timeout(self, request: GenerationRequest) -> float | None:
-        return request.timeout_s if request.timeout_s is not None else self.timeout_s
-
     def stream(self, request: GenerationRequest) -> AsyncHttpStream:
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request_id_of(request)
         body = {"id": request_id, **request.input_values(stream=True)}
         return AsyncHttpStream(self._get_session(), self._url("generate_stream"), body, request_id,
-                               self._timeout(request), self.connect_timeout_s)
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        stream = self.stream(request)
-        try:
-            return await stream.result()
-        finally:
-            stream.cancel()
+                               timeout_of(request, self.timeout_s), self.connect_timeout_s)
 
     async def infer(self, request: GenerationRequest) -> GenerationResult:
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request_id_of(request)
         body = {"id": request_id, **request.input_values(stream=False)}
-        timeout = self._timeout(request)
+        timeout = timeout_of(request, self.timeout_s)
         sent_s = time.perf_counter()
         try:
             async with self._get_session().post(
@@ -384,28 +335,9 @@ class AsyncHttpClient:
                 status = response.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise _map_http_error(e) from e
-        now = time.perf_counter()
-        if status != 200:
-            raise error_from_body(status, data)
-        try:
-            obj = json.loads(data)
-        except ValueError as e:
-            raise ServerError(f"malformed response from server: {data[:200]!r}") from e
-        if isinstance(obj, dict) and "error" in obj:
-            raise error_from_message(str(obj["error"]))
-        builder = ResultBuilder(sent_s, request_id)
-        chunk = chunk_from_json(obj, now) if isinstance(obj, dict) else None
-        if chunk is not None:
-            builder.add(chunk)
-        return builder.build(end_s=now)
+        return result_from_body(status, data, sent_s, request_id, time.perf_counter())
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def __aenter__(self) -> AsyncHttpClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

@@ -12,26 +12,34 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import uuid
 import weakref
 from typing import Any
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from .transport import DEFAULT_GRPC_URL, ResultBuilder, chunk_from_tensors, parse_url
+from .transport import (
+    DEFAULT_GRPC_URL,
+    StreamState,
+    chunk_from_tensors,
+    parse_url,
+    request_id_of,
+    single_result,
+    timeout_of,
+)
 from .types import (
     ClientError,
     ConnectionFailed,
     GenerationRequest,
     GenerationResult,
     StreamChunk,
-    Timeout,
+    error_from_code,
     error_from_grpc_status,
 )
 
-__all__ = ["GrpcClient", "GrpcStream", "build_inputs"]
+__all__ = ["GrpcClient", "GrpcStream", "build_inputs", "to_client_error"]
 
 _DTYPES = {
     "text_input": ("BYTES", np.object_),
@@ -65,9 +73,12 @@ def build_inputs(request: GenerationRequest, *, stream: bool, module: Any = grpc
     return inputs
 
 
-def _to_client_error(error: Exception) -> ClientError:
+def to_client_error(error: BaseException) -> ClientError:
+    """Any error from tritonclient's gRPC clients (blocking or asyncio) as a ``ClientError``."""
     if isinstance(error, ClientError):
         return error
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        return error_from_code(error.code().name, error.details() or str(error))
     if isinstance(error, InferenceServerException):
         return error_from_grpc_status(error.status(), error.message() or str(error))
     return ConnectionFailed(str(error))
@@ -93,7 +104,7 @@ def _is_final(result: Any) -> bool:
     return "triton_final_response" in params and params["triton_final_response"].bool_param
 
 
-class GrpcStream:
+class GrpcStream(StreamState):
     """Chunks of one streaming request. Iterate it; ``cancel()`` from any thread stops it.
 
     Iteration ends after the response flagged final. ``result()`` drains what is left and
@@ -101,23 +112,9 @@ class GrpcStream:
     """
 
     def __init__(self, owner: GrpcClient, request_id: str, sent_s: float, deadline_s: float | None) -> None:
-        self.request_id = request_id
-        self.sent_s = sent_s
+        super().__init__(request_id, sent_s, deadline_s)
         self._owner = owner
-        self._deadline_s = deadline_s
         self._queue: queue.Queue[tuple[Any, Any] | None] = queue.Queue()
-        self._builder = ResultBuilder(sent_s, request_id)
-        self._done = False
-        self._cancelled = False
-        self._end_s: float | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
 
     def _deliver(self, result: Any, error: Any) -> None:
         self._queue.put((result, error))
@@ -143,7 +140,7 @@ class GrpcStream:
             now = time.perf_counter()
             if error is not None:
                 self._finish(now, broken=True)
-                raise _to_client_error(error)
+                raise to_client_error(error)
             chunk = chunk_from_tensors(result.as_numpy, now)
             if _is_final(result):
                 self._finish(now, broken=False)
@@ -154,13 +151,8 @@ class GrpcStream:
 
     def _wait(self) -> tuple[Any, Any] | None:
         while True:
-            wait = _POLL_S
-            if self._deadline_s is not None:
-                remaining = self._deadline_s - time.perf_counter()
-                if remaining <= 0:
-                    self.cancel()
-                    raise Timeout(f"request {self.request_id} timed out after {self._deadline_s - self.sent_s:.3g} s")
-                wait = min(wait, remaining)
+            remaining = self._time_left()
+            wait = _POLL_S if remaining is None else min(_POLL_S, remaining)
             try:
                 return self._queue.get(timeout=wait)
             except queue.Empty:
@@ -199,7 +191,8 @@ class GrpcStream:
     def result(self) -> GenerationResult:
         for _ in self:
             pass
-        return self._builder.build(end_s=self._end_s, finish_reason="cancelled" if self._cancelled else None)
+        # the end is the final response's arrival, which may come after the last chunk
+        return self._build(self._end_s)
 
 
 class GrpcClient:
@@ -258,9 +251,9 @@ class GrpcClient:
 
     def stream(self, request: GenerationRequest) -> GrpcStream:
         """Send ``request`` with ``stream=true`` and return its chunk iterator."""
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request_id_of(request)
         inputs = build_inputs(request, stream=True)
-        timeout = request.timeout_s if request.timeout_s is not None else self.timeout_s
+        timeout = timeout_of(request, self.timeout_s)
         with self._lock:
             if self._active_id is not None:
                 raise RuntimeError("GrpcClient serves one request at a time; use one client per thread")
@@ -285,7 +278,7 @@ class GrpcClient:
                     self._close_stream(cancel=True)
                 # a dead stream reports its cause through the callback; prefer it to the generic error
                 cause = stream._delivered_error()
-                raise _to_client_error(cause if cause is not None else e) from e
+                raise to_client_error(cause if cause is not None else e) from e
         return stream
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -294,19 +287,15 @@ class GrpcClient:
 
     def infer(self, request: GenerationRequest) -> GenerationResult:
         """One unary ``ModelInfer`` call on the non-decoupled model (``stream=false``)."""
-        request_id = request.request_id or uuid.uuid4().hex
-        timeout = request.timeout_s if request.timeout_s is not None else self.timeout_s
+        request_id = request_id_of(request)
+        timeout = timeout_of(request, self.timeout_s)
         inputs = build_inputs(request, stream=False)
         sent_s = time.perf_counter()
         try:
             result = self._client.infer(self.unary_model, inputs, request_id=request_id, client_timeout=timeout)
         except Exception as e:
-            raise _to_client_error(e) from e
-        builder = ResultBuilder(sent_s, request_id)
-        chunk = chunk_from_tensors(result.as_numpy, time.perf_counter())
-        if chunk is not None:
-            builder.add(chunk)
-        return builder.build()
+            raise to_client_error(e) from e
+        return single_result(chunk_from_tensors(result.as_numpy, time.perf_counter()), sent_s, request_id)
 
     def is_ready(self) -> bool:
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -26,7 +25,15 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from .transport import DEFAULT_HTTP_URL, ResultBuilder, chunk_from_json, parse_url
+from .transport import (
+    DEFAULT_HTTP_URL,
+    StreamState,
+    chunk_from_json,
+    parse_url,
+    request_id_of,
+    single_result,
+    timeout_of,
+)
 from .types import (
     ClientError,
     ConnectionFailed,
@@ -47,6 +54,7 @@ __all__ = [
     "chunk_from_event",
     "error_from_body",
     "iter_body",
+    "result_from_body",
 ]
 
 
@@ -175,6 +183,19 @@ def iter_body(response: Any) -> Iterator[bytes]:
         yield data
 
 
+def result_from_body(status: int, data: bytes, sent_s: float, request_id: str, now: float) -> GenerationResult:
+    """The result of one ``/generate`` call from its status and body."""
+    if status != 200:
+        raise error_from_body(status, data)
+    try:
+        obj = json.loads(data)
+    except ValueError as e:
+        raise ServerError(f"malformed response from server: {data[:200]!r}") from e
+    if isinstance(obj, dict) and "error" in obj:
+        raise error_from_message(str(obj["error"]))
+    return single_result(chunk_from_json(obj, now) if isinstance(obj, dict) else None, sent_s, request_id, end_s=now)
+
+
 def _map_transport_error(e: BaseException) -> ClientError:
     if isinstance(e, MaxRetryError) and e.reason is not None:
         return _map_transport_error(e.reason)
@@ -187,27 +208,13 @@ def _map_transport_error(e: BaseException) -> ClientError:
     return ConnectionFailed(f"connection failed: {e}")
 
 
-class HttpStream:
+class HttpStream(StreamState):
     """Chunks of one ``generate_stream`` request; iteration ends when the server ends the stream."""
 
     def __init__(self, response: Any, request_id: str, sent_s: float, deadline_s: float | None) -> None:
-        self.request_id = request_id
-        self.sent_s = sent_s
+        super().__init__(request_id, sent_s, deadline_s)
         self._response = response
-        self._deadline_s = deadline_s
-        self._builder = ResultBuilder(sent_s, request_id)
         self._gen = self._chunks()
-        self._done = False
-        self._cancelled = False
-        self._end_s: float | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
 
     def __iter__(self) -> HttpStream:
         return self
@@ -246,12 +253,9 @@ class HttpStream:
                 yield chunk
 
     def _arm_read_timeout(self) -> None:
-        if self._deadline_s is None:
+        remaining = self._time_left()
+        if remaining is None:
             return
-        remaining = self._deadline_s - time.perf_counter()
-        if remaining <= 0:
-            self.cancel()
-            raise Timeout(f"request {self.request_id} timed out")
         sock = getattr(getattr(self._response, "connection", None), "sock", None)
         if sock is not None:
             sock.settimeout(remaining)
@@ -293,8 +297,7 @@ class HttpStream:
     def result(self) -> GenerationResult:
         for _ in self:
             pass
-        end = self._end_s if self._cancelled else None
-        return self._builder.build(end_s=end, finish_reason="cancelled" if self._cancelled else None)
+        return self._build(self._end_s if self._cancelled else None)
 
 
 class HttpClient:
@@ -345,8 +348,8 @@ class HttpClient:
 
     def stream(self, request: GenerationRequest) -> HttpStream:
         """POST to ``generate_stream`` and return the chunk iterator (SSE, one event per response)."""
-        request_id = request.request_id or uuid.uuid4().hex
-        timeout = request.timeout_s if request.timeout_s is not None else self.timeout_s
+        request_id = request_id_of(request)
+        timeout = timeout_of(request, self.timeout_s)
         sent_s = time.perf_counter()
         response = self._post(self._path("generate_stream"), self._body(request, request_id, stream=True),
                               stream=True, timeout=timeout)
@@ -364,25 +367,12 @@ class HttpClient:
 
     def infer(self, request: GenerationRequest) -> GenerationResult:
         """One ``/generate`` call with ``stream=false`` (the server sends exactly one response)."""
-        request_id = request.request_id or uuid.uuid4().hex
-        timeout = request.timeout_s if request.timeout_s is not None else self.timeout_s
+        request_id = request_id_of(request)
+        timeout = timeout_of(request, self.timeout_s)
         sent_s = time.perf_counter()
         response = self._post(self._path("generate"), self._body(request, request_id, stream=False),
                               stream=False, timeout=timeout)
-        now = time.perf_counter()
-        if response.status != 200:
-            raise error_from_body(response.status, response.data)
-        try:
-            obj = json.loads(response.data)
-        except ValueError as e:
-            raise ServerError(f"malformed response from server: {response.data[:200]!r}") from e
-        if isinstance(obj, dict) and "error" in obj:
-            raise error_from_message(str(obj["error"]))
-        builder = ResultBuilder(sent_s, request_id)
-        chunk = chunk_from_json(obj, now) if isinstance(obj, dict) else None
-        if chunk is not None:
-            builder.add(chunk)
-        return builder.build(end_s=now)
+        return result_from_body(response.status, response.data, sent_s, request_id, time.perf_counter())
 
     def is_ready(self) -> bool:
         try:

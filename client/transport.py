@@ -8,6 +8,7 @@ retry wrapper and tests depend only on this interface.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -15,14 +16,18 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .types import GenerationRequest, GenerationResult, StreamChunk
+from .types import GenerationRequest, GenerationResult, StreamChunk, Timeout
 
 __all__ = [
     "Endpoint",
     "ResponseStream",
     "ResultBuilder",
+    "StreamState",
     "Transport",
     "collect",
+    "request_id_of",
+    "single_result",
+    "timeout_of",
     "parse_url",
     "DEFAULT_GRPC_URL",
     "DEFAULT_HTTP_URL",
@@ -165,6 +170,64 @@ def collect(chunks: Iterable[StreamChunk], sent_s: float, request_id: str = "") 
     for chunk in chunks:
         builder.add(chunk)
     return builder.build()
+
+
+def single_result(chunk: StreamChunk | None, sent_s: float, request_id: str, end_s: float | None = None) -> GenerationResult:
+    """The result of a unary call: its one chunk (if the response held one)."""
+    builder = ResultBuilder(sent_s, request_id)
+    if chunk is not None:
+        builder.add(chunk)
+    return builder.build(end_s=end_s)
+
+
+def request_id_of(request: GenerationRequest) -> str:
+    """The caller's request id, or a fresh one."""
+    return request.request_id or uuid.uuid4().hex
+
+
+def timeout_of(request: GenerationRequest, default_s: float | None) -> float | None:
+    """The request's own client-side deadline, else the client's default."""
+    return request.timeout_s if request.timeout_s is not None else default_s
+
+
+class StreamState:
+    """What every stream keeps, whatever its transport: its id and send time, the client-side
+    deadline, the result being assembled and how the stream ended. Subclasses set ``_done``,
+    ``_cancelled`` and ``_end_s`` and implement ``cancel``."""
+
+    def __init__(self, request_id: str, sent_s: float, deadline_s: float | None) -> None:
+        self.request_id = request_id
+        self.sent_s = sent_s
+        self._deadline_s = deadline_s
+        self._builder = ResultBuilder(sent_s, request_id)
+        self._done = False
+        self._cancelled = False
+        self._end_s: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+    def _time_left(self) -> float | None:
+        """Seconds to the deadline (None: no deadline). Past it, the stream is cancelled and
+        ``Timeout`` raised."""
+        if self._deadline_s is None:
+            return None
+        remaining = self._deadline_s - time.perf_counter()
+        if remaining <= 0:
+            self.cancel()
+            raise Timeout(f"request {self.request_id} timed out after {self._deadline_s - self.sent_s:.3g} s")
+        return remaining
+
+    def _build(self, end_s: float | None) -> GenerationResult:
+        return self._builder.build(end_s=end_s, finish_reason="cancelled" if self._cancelled else None)
 
 
 def _decode(value: Any) -> str:
