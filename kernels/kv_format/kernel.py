@@ -312,6 +312,20 @@ def write_main_entries(x: torch.Tensor, pages: torch.Tensor, page_ids: torch.Ten
     )
 
 
+def _float_out(out: torch.Tensor | None, n: int, dim: int, device: torch.device) -> torch.Tensor:
+    """The read kernels' output: the caller's `[n, dim]` float32 buffer, or a new one."""
+    if out is None:
+        return torch.empty(n, dim, dtype=torch.float32, device=device)
+    assert out.shape == (n, dim) and out.dtype == torch.float32 and out.is_contiguous()
+    return out
+
+
+def _one_entry_per_page(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page ids and slots that treat each row of a packed `[n, entry_bytes]` tensor as a one-entry page."""
+    ids = torch.arange(n, dtype=torch.int32, device=device)
+    return ids, torch.zeros_like(ids)
+
+
 def read_main_entries(pages: torch.Tensor, page_ids: torch.Tensor, slots: torch.Tensor, head_dim: int, rope_dim: int,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize FP8 main entries from pages -> `[N, head_dim]` float32 (`out` if given)."""
@@ -320,9 +334,7 @@ def read_main_entries(pages: torch.Tensor, page_ids: torch.Tensor, slots: torch.
     n = page_ids.shape[0]
     _check_ids(page_ids, slots, n)
     assert head_dim & (head_dim - 1) == 0, "read kernel needs a power-of-two head_dim"
-    if out is None:
-        out = torch.empty(n, head_dim, dtype=torch.float32, device=pages.device)
-    assert out.shape == (n, head_dim) and out.dtype == torch.float32 and out.is_contiguous()
+    out = _float_out(out, n, head_dim, pages.device)
     if n == 0:
         return out
     block_r = 4
@@ -337,15 +349,13 @@ def quantize_main_entries(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     """FP8 main entries, one after another: x `[N, D]` -> `[N, entry_bytes]` uint8 (pages of one entry)."""
     lay = MainLayout(x.shape[1], rope_dim)
     packed = torch.empty(x.shape[0], lay.entry_bytes, dtype=torch.uint8, device=x.device)
-    ids = torch.arange(x.shape[0], dtype=torch.int32, device=x.device)
-    write_main_entries(x, packed, ids, torch.zeros_like(ids), rope_dim)
+    write_main_entries(x, packed, *_one_entry_per_page(x.shape[0], x.device), rope_dim)
     return packed
 
 
 def dequantize_main_entries(packed: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:
     """`[N, entry_bytes]` uint8 -> `[N, head_dim]` float32."""
-    ids = torch.arange(packed.shape[0], dtype=torch.int32, device=packed.device)
-    return read_main_entries(packed, ids, torch.zeros_like(ids), head_dim, rope_dim)
+    return read_main_entries(packed, *_one_entry_per_page(packed.shape[0], packed.device), head_dim, rope_dim)
 
 
 def write_index_entries(x: torch.Tensor, pages: torch.Tensor, page_ids: torch.Tensor, slots: torch.Tensor, fmt: str) -> None:
@@ -379,9 +389,7 @@ def read_index_entries(pages: torch.Tensor, page_ids: torch.Tensor, slots: torch
     e = _check_pages(pages, lay.entry_bytes)
     n = page_ids.shape[0]
     _check_ids(page_ids, slots, n)
-    if out is None:
-        out = torch.empty(n, dim, dtype=torch.float32, device=pages.device)
-    assert out.shape == (n, dim) and out.dtype == torch.float32 and out.is_contiguous()
+    out = _float_out(out, n, dim, pages.device)
     if n == 0:
         return out
     block_r = 4
@@ -395,15 +403,13 @@ def quantize_index_entries(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Index keys one after another: x `[N, C]` -> `[N, entry_bytes]` uint8."""
     lay = IndexLayout(x.shape[1], fmt)
     packed = torch.empty(x.shape[0], lay.entry_bytes, dtype=torch.uint8, device=x.device)
-    ids = torch.arange(x.shape[0], dtype=torch.int32, device=x.device)
-    write_index_entries(x, packed, ids, torch.zeros_like(ids), fmt)
+    write_index_entries(x, packed, *_one_entry_per_page(x.shape[0], x.device), fmt)
     return packed
 
 
 def dequantize_index_entries(packed: torch.Tensor, dim: int, fmt: str) -> torch.Tensor:
     """`[N, entry_bytes]` uint8 -> `[N, dim]` float32."""
-    ids = torch.arange(packed.shape[0], dtype=torch.int32, device=packed.device)
-    return read_index_entries(packed, ids, torch.zeros_like(ids), dim, fmt)
+    return read_index_entries(packed, *_one_entry_per_page(packed.shape[0], packed.device), dim, fmt)
 
 
 __all__ = [

@@ -108,7 +108,7 @@ def dequantize_main_ref(packed: torch.Tensor, head_dim: int, rope_dim: int) -> t
 
 def quantize_index_ref(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Index keys x `[N, C]` float -> `[N, entry_bytes]` uint8 in format `fmt` ('fp8' or 'fp4')."""
-    lay = IndexLayout(x.shape[-1], fmt)
+    IndexLayout(x.shape[-1], fmt)  # checks fmt and the key width
     n, c = x.shape
     x = x.float()
     if fmt == "fp8":
@@ -190,19 +190,19 @@ def read_index_pages_ref(pages: torch.Tensor, page_ids: torch.Tensor, slots: tor
     return dequantize_index_ref(gather_entries_ref(pages, page_ids, slots, index_planes(dim, fmt)), dim, fmt)
 
 
+def _every_entry(num_pages: int, entries: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page ids and slots of every entry of a pool, page by page."""
+    ids = torch.arange(num_pages, device=device).repeat_interleave(entries)
+    return ids, torch.arange(entries, device=device).repeat(num_pages)
+
+
 def dequantize_main_pages_ref(pages: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:
     """Whole pool: `[P, E * entry_bytes]` uint8 -> `[P, E, head_dim]` float32 (all entries, garbage included)."""
-    lay = MainLayout(head_dim, rope_dim)
-    p, e = pages.shape[0], lay.entries_per_page(pages.shape[1])
-    ids = torch.arange(p, device=pages.device).repeat_interleave(e)
-    slots = torch.arange(e, device=pages.device).repeat(p)
-    return read_main_pages_ref(pages, ids, slots, head_dim, rope_dim).reshape(p, e, head_dim)
+    p, e = pages.shape[0], MainLayout(head_dim, rope_dim).entries_per_page(pages.shape[1])
+    return read_main_pages_ref(pages, *_every_entry(p, e, pages.device), head_dim, rope_dim).reshape(p, e, head_dim)
 
 
 def dequantize_index_pages_ref(pages: torch.Tensor, dim: int, fmt: str) -> torch.Tensor:
     """Whole pool: `[P, E * entry_bytes]` uint8 -> `[P, E, dim]` float32."""
-    lay = IndexLayout(dim, fmt)
-    p, e = pages.shape[0], lay.entries_per_page(pages.shape[1])
-    ids = torch.arange(p, device=pages.device).repeat_interleave(e)
-    slots = torch.arange(e, device=pages.device).repeat(p)
-    return read_index_pages_ref(pages, ids, slots, dim, fmt).reshape(p, e, dim)
+    p, e = pages.shape[0], IndexLayout(dim, fmt).entries_per_page(pages.shape[1])
+    return read_index_pages_ref(pages, *_every_entry(p, e, pages.device), dim, fmt).reshape(p, e, dim)
