@@ -132,7 +132,8 @@ def measure_served(args, codec, layout) -> tuple[dict, dict, float]:
     try:
         _stream_timings(url, "warm up", 4)
         ttft = {n: _stream_timings(url, f"t{n} " + text_prompt(codec, n), 2)[0] for n in lengths}
-        prompts = [f"s{i} " + text_prompt(codec, args.triton_context) for i in range(args.triton_batch)]
+        shared = text_prompt(codec, args.triton_context)
+        prompts = [f"s{i} " + shared for i in range(args.triton_batch)]  # distinct first words: no prefix hits
         throughput = _served_throughput(url, prompts, args.triton_tokens)
     finally:
         serve.terminate()
@@ -163,22 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring in-process ...", file=sys.stderr)
     ours.decode_steps(model, 1, 64, 2, args.kv_format)  # warm-up: allocator, kernel compilation
     ttft, bytes_per_token, handoffs = {}, {}, {}
-    for n in sorted(set(_ints(args.prompts)) | set(_ints(args.handoff))):
+    handoff_lengths = _ints(args.handoff)
+    for n in sorted(set(_ints(args.prompts)) | set(handoff_lengths)):
         done = ours.prefill_one(model, ours.random_prompt(n, model.cfg.vocab_size, n), 2, args.kv_format, num_rows=2)
         ttft[n] = done.seconds
         bytes_per_token[n] = ours.kv_bytes_per_token(done, n)
-        if n in _ints(args.handoff):
+        if n in handoff_lengths:
             handoffs[n] = ours.handoff(done)
         del done
-    decode = {}
-    for context in _ints(args.contexts):
-        for batch in _ints(args.batches):
-            try:
-                decode[batch, context] = ours.decode_steps(model, batch, context, args.steps, args.kv_format)
-            except torch.cuda.OutOfMemoryError:
-                decode[batch, context] = {"step_ms": "out of memory", "tokens_per_s": "out of memory", "rows_agree": None}
+    def decode_or_oom(batch: int, context: int) -> dict:
+        try:
+            return ours.decode_steps(model, batch, context, args.steps, args.kv_format)
+        except torch.cuda.OutOfMemoryError:
+            return {"step_ms": "out of memory", "tokens_per_s": "out of memory", "rows_agree": None}
+        finally:
             gc.collect()
-    inproc_tp = ours.decode_steps(model, args.triton_batch, args.triton_context, args.steps, args.kv_format)
+
+    decode = {(b, c): decode_or_oom(b, c) for c in _ints(args.contexts) for b in _ints(args.batches)}
+    inproc_tp = None
+    if served_tp:  # the in-process side of the comparison, unless the grid above measured it
+        key = (args.triton_batch, args.triton_context)
+        inproc_tp = decode[key] if key in decode else decode_or_oom(*key)
 
     hf_ttft, hf_step = {}, {}
     if not args.no_transformers:
@@ -224,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{ {True: 'yes', False: 'NO', None: '-'}[r['rows_agree']]} | {_fmt(theirs, '.2f')} | {_ratio(r['step_ms'], theirs)} | {ratio} |")
 
     if served_tp:
-        print(f"\nbatch {args.triton_batch} at {args.triton_context} tokens: in-process {inproc_tp['tokens_per_s']:.0f} tok/s, "
-              f"via Triton {_fmt(served_tp['tokens_per_s'], '.0f')} tok/s "
-              f"({_fmt(served_tp['tokens_per_s'] / inproc_tp['tokens_per_s'], '.2f')} of in-process); "
+        inproc, served = inproc_tp["tokens_per_s"], served_tp["tokens_per_s"]
+        share = served / inproc if isinstance(inproc, float) else None
+        print(f"\nbatch {args.triton_batch} at {args.triton_context} tokens: in-process {_fmt(inproc, '.0f')} tok/s, "
+              f"via Triton {_fmt(served, '.0f')} tok/s ({_fmt(share, '.2f')} of in-process); "
               f"median TTFT under that load {served_tp['ttft_s'] * 1e3:.0f} ms")
 
     print("\n| context | handoff bytes | export (ms) | import (ms) |")
