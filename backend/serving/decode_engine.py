@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import deque
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -22,6 +22,7 @@ from ..generate import sample_tokens
 from ..kv_cache.paged_cache import PagedCache
 from ..kv_cache.storage import SequenceState
 from ..model.transformer import Transformer
+from ..sampler import SamplingParams
 from ..tokenizer import TextCodec
 from .handoff import StateHeader, import_state
 from .request import RequestConfig
@@ -51,6 +52,7 @@ class Arrival:
 class Active:
     rid: int
     config: RequestConfig
+    params: SamplingParams  # built (and validated) once, not at every step
     seq: SequenceState
     text: TextState
     next_token: int
@@ -197,7 +199,8 @@ class DecodeEngine:
             self.sink(arrival.rid, None, ("INTERNAL", f"could not import the request's cache state: {exc}"))
             return
         config = arrival.config
-        entry = Active(arrival.rid, config, seq, TextState(config, self.codec, self.eos), arrival.first_token)
+        entry = Active(arrival.rid, config, config.sampling(), seq, TextState(config, self.codec, self.eos),
+                       arrival.first_token)
         self.active[arrival.rid] = entry
         self.stats.prompt_tokens += config.num_input_tokens
         self._accept(entry, arrival.first_token)
@@ -230,9 +233,9 @@ class DecodeEngine:
         batch = list(self.active.values())[: self.max_batch]
         tokens = torch.tensor([e.next_token for e in batch], device=self.model.device)
         logits = self.model.decode(tokens, [e.seq for e in batch], self.storage)
-        params = [e.config.sampling() for e in batch]
         steps = [len(e.text.generated) for e in batch]
-        next_tokens = sample_tokens(logits, params, [e.config.seed for e in batch], steps, [e.text.banned for e in batch])
+        next_tokens = sample_tokens(logits, [e.params for e in batch], [e.config.seed for e in batch], steps,
+                                    [e.text.banned for e in batch])
         self.stats.steps += 1
         for entry, token in zip(batch, next_tokens.tolist()):
             self._accept(entry, int(token))
