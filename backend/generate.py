@@ -1,8 +1,8 @@
 """Prefill and decode primitives shared by in-process generation and the served stages.
 
-Sampling noise for a request's i-th generated token comes from a generator seeded with
-`step_seed(seed, i)`, so a token depends only on (seed, step, logits): the same whether the
-prefill and decode stages run in one process or two, and whatever else shares the batch.
+A request's i-th generated token is sampled with noise counter i (`sampler`), so a token depends
+only on (seed, step, logits): the same whether the prefill and decode stages run in one process
+or two, and whatever else shares the batch.
 """
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ import torch
 from .kv_cache.paged_cache import PagedCache
 from .kv_cache.storage import KVStorage, SequenceState
 from .model.transformer import Transformer
-from .sampler import SamplingParams, make_generator, sample
+from .sampler import SamplingParams, SamplingRows, sample
 
 PREFILL_CHUNK = 512
-_SEED_MIX = 0x9E3779B97F4A7C15
-
-
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * _SEED_MIX) % (1 << 63)
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -31,16 +26,16 @@ def resolve_seed(seed: int | None) -> int:
     return random.getrandbits(63) if seed is None else seed
 
 
+def eos_ids_tensor(eos: list[int] | tuple[int, ...] | frozenset[int], device: torch.device | str) -> torch.Tensor:
+    """The ids `sample` bans before min_tokens, as the int32 device tensor it takes."""
+    return torch.tensor(sorted(eos), dtype=torch.int32, device=device)
+
+
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int],
-                  banned: list[list[int]] | None = None) -> torch.Tensor:
-    """Next token per row; `banned[i]` lists ids row i may not produce yet (EOS before min_tokens)."""
-    if banned and any(banned):
-        logits = logits.clone()
-        for row, ids in enumerate(banned):
-            if ids:
-                logits[row, ids] = float("-inf")
-    gens = [None if p.greedy else make_generator(step_seed(s, i), logits.device) for p, s, i in zip(params, seeds, steps)]
-    return sample(logits, params, gens)
+                  min_tokens: list[int] | None = None, banned_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row for requests outside a decode batch (prefill's first token, `generate`)."""
+    rows = SamplingRows.build(params, seeds, steps, min_tokens, logits.device)
+    return sample(logits, rows, banned_ids)
 
 
 class PrefillCancelled(RuntimeError):

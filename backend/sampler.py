@@ -1,16 +1,16 @@
-"""Per-request sampling parameters and batched next-token sampling.
+"""Per-request sampling parameters and batched next-token sampling on the logits' device.
 
-Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
-probability p_i / sum(p), so probabilities never need renormalising and there is no
-`torch.multinomial` host sync. Each row draws its noise from its own generator, so a seeded
-request's tokens depend only on its own logits and seed, never on batch position or companions.
+Sampling is the exponential race with counter-based noise (`dsv4.kernels.sampling`): a row's
+token is a pure function of its logits, seed and step, so a seeded request produces the same
+tokens whatever shares the batch, in whichever row, and nothing waits for the host. On CUDA one
+fused kernel samples every row; elsewhere the float32 reference does the same arithmetic.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,7 +31,7 @@ class SamplingParams:
     """One request's sampling settings; validated on construction (a list `stop` becomes a tuple).
 
     temperature: >= 0, 0 means greedy; top_p: in (0, 1], 1 means off; top_k: >= 0, 0 means off;
-    seed: None draws from the default generator; max_tokens: >= 1 generated tokens;
+    seed: None means a random seed drawn when the request arrives; max_tokens: >= 1 generated tokens;
     stop: non-empty strings that end generation (the stop string itself is not emitted).
     """
 
@@ -71,73 +71,62 @@ class SamplingParams:
             raise fail("stop", "must be a list of non-empty strings")
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A generator on `device` seeded with `seed`; None (meaning the default generator) when seed is None."""
-    if seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
+class SamplingRows(NamedTuple):
+    """Per-row sampling inputs as device tensors `[B]` (built once per request, not per step)."""
 
+    temperature: Tensor  # float32, 0 = greedy
+    top_k: Tensor  # int64, 0 = off
+    top_p: Tensor  # float32, 1 = off
+    seed_lo: Tensor  # int64, low 32 bits of the seed
+    seed_hi: Tensor  # int64, high 32 bits
+    step: Tensor  # int64, tokens generated so far (the noise counter)
+    min_tokens: Tensor  # int64, banned ids are dropped while step < min_tokens
+    filtered: bool  # some row uses top-k or top-p (host-side flag: no device read needed)
 
-def _filter_top_k_top_p(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """Zero the probabilities outside each row's top-k, then outside its nucleus of mass top_p.
-
-    probs: [B, V] float32 (unnormalised is fine); top_k: [B] int64 with 0 = off; top_p: [B] float32.
-    """
-    vocab_size = probs.shape[-1]
-    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True, stable=True)  # [B, V]
-    ranks = torch.arange(vocab_size, device=probs.device)
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
-    keep = ranks[None, :] < k[:, None]  # [B, V]
-    sorted_probs = sorted_probs * keep
-    # nucleus over the top-k mass: keep token i while the mass strictly before it is < top_p,
-    # which always keeps the first token; rows with top_p == 1 skip it so rounding cannot drop the tail
-    mass = sorted_probs.sum(dim=-1, keepdim=True)
-    mass_before = (sorted_probs.cumsum(dim=-1) - sorted_probs) / mass
-    in_nucleus = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)
-    keep = keep & in_nucleus
-    keep_vocab = torch.empty_like(keep).scatter_(-1, sorted_idx, keep)
-    return probs * keep_vocab
-
-
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
-    """Next token per row.
-
-    logits: [B, V] (cast to float32), on CPU or CUDA; params and generators: one per row, each
-    generator None or on the logits' device. Returns [B] int64 on the logits' device. Greedy rows
-    (temperature 0) take argmax and consume no randomness; other rows apply temperature, top-k,
-    top-p, then the exponential race with noise from their own generator.
-    """
-    if logits.dim() != 2 or len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} must be [B, V] with B = len(params) = len(generators) "
-            f"({len(params)}, {len(generators)})"
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int], min_tokens: list[int] | None,
+              device: torch.device | str) -> SamplingRows:
+        """From host values (one H2D copy per column); `seeds` are resolved 64-bit seeds."""
+        n = len(params)
+        if len(seeds) != n or len(steps) != n or (min_tokens is not None and len(min_tokens) != n):
+            raise ValueError(f"{n} params but {len(seeds)} seeds, {len(steps)} steps"
+                             + ("" if min_tokens is None else f", {len(min_tokens)} min_tokens"))
+        f32, i64 = dict(dtype=torch.float32, device=device), dict(dtype=torch.int64, device=device)
+        return cls(
+            temperature=torch.tensor([float(p.temperature) for p in params], **f32),
+            top_k=torch.tensor([p.top_k for p in params], **i64),
+            top_p=torch.tensor([float(p.top_p) for p in params], **f32),
+            seed_lo=torch.tensor([s & 0xFFFFFFFF for s in seeds], **i64),
+            seed_hi=torch.tensor([(s >> 32) & 0xFFFFFFFF for s in seeds], **i64),
+            step=torch.tensor(steps, **i64),
+            min_tokens=torch.tensor(min_tokens or [0] * n, **i64),
+            filtered=any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
         )
-    device = logits.device
-    for row, generator in enumerate(generators):
-        if generator is not None and generator.device.type != device.type:
-            raise ValueError(f"generator of row {row} is on {generator.device}, logits are on {device}")
-    logits = logits.float()
-    greedy_ids = logits.argmax(dim=-1)
-    sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
-    if not sampled_rows:
-        return greedy_ids
 
-    # greedy rows get temperature 1 so their (unused) probabilities stay finite
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=device)
-    # subtracting the row max before dividing keeps tiny temperatures from overflowing
-    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]
-    probs = torch.softmax(scaled, dim=-1)  # [B, V]
-    if any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy):
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        probs = _filter_top_k_top_p(probs, top_k, top_p)
 
-    noise = torch.ones_like(probs)
-    for row in sampled_rows:
-        noise[row].exponential_(generator=generators[row])
-    # Exp(1) can round to 0 in float32; a tiny floor keeps p / E finite for kept tokens
-    sampled_ids = (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
-    greedy = torch.tensor([p.greedy for p in params], device=device)
-    return torch.where(greedy, greedy_ids, sampled_ids)
+def sample(logits: Tensor, rows: SamplingRows, banned_ids: Tensor | None = None) -> Tensor:
+    """Next token per row `[B]` int64, on the logits' device.
+
+    logits: `[B, V]`; rows: `SamplingRows` on the same device; banned_ids: `[NB]` int32 token ids
+    (EOS) dropped in rows whose step < min_tokens. Greedy rows take the argmax (lowest id on ties);
+    others apply temperature, then top-k and top-p, then race with their own noise.
+    """
+    from dsv4.kernels.sampling import reference
+
+    if logits.dim() != 2 or rows.temperature.shape != (logits.shape[0],):
+        raise ValueError(f"logits {tuple(logits.shape)} must be [B, V] with B = {tuple(rows.temperature.shape)} rows")
+    if banned_ids is None:
+        banned_ids = torch.zeros(0, dtype=torch.int32, device=logits.device)
+    cutoff = None
+    if rows.filtered:
+        banned = reference.ban_tokens(logits.float(), rows.step < rows.min_tokens, banned_ids)
+        cutoff = reference.filter_cutoffs(banned, rows.temperature, rows.top_k, rows.top_p)
+    if logits.is_cuda:
+        from dsv4.kernels.sampling.kernel import sample_tokens_kernel
+
+        return sample_tokens_kernel(logits, rows.temperature, rows.seed_lo, rows.seed_hi, rows.step, rows.min_tokens,
+                                    banned_ids, cutoff=cutoff)
+    banned = reference.ban_tokens(logits.float(), rows.step < rows.min_tokens, banned_ids)
+    keep_all = torch.full_like(rows.temperature, float("-inf"))
+    keys = reference.row_keys(rows.seed_lo, rows.seed_hi, rows.step)
+    return reference.sample_ref(banned, rows.temperature, keep_all if cutoff is None else cutoff, keys)

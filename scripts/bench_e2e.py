@@ -5,9 +5,12 @@ Order matters for memory: the server runs first and is stopped, then both in-pro
 measured, then transformers is dropped and the longest-sequence probe gets the free memory.
 
 Sections: TTFT by prompt length; decode step by batch and context (with transformers' at the
-batches given by --hf-batches); Triton against in-process at one batch; the prefill -> decode
-handoff; KV bytes per token against dsv4-kv-report; the longest single sequence; the batch-1
-weight-read floor.
+batches given by --hf-batches), run as the served decode runs it (a CUDA graph per batch, device
+sampling) with the kernels one step launches and whether rows holding copies of one state give
+bitwise-equal logits; the same on a 4-layer shape with V4-Flash's 256 routed experts, its weights
+made on the GPU; Triton against in-process at one batch; the prefill -> decode handoff; KV bytes
+per token against dsv4-kv-report; the longest single sequence; the batch-1 weight-read floor.
+`--json` writes every figure (null where not measured) with the commit, date and GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import math
 import subprocess
 import sys
@@ -53,8 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--longest-fraction", type=float, default=0.85, help="share of free device memory for its KV pool")
     p.add_argument("--longest-time", type=float, default=300.0, help="seconds the probe may prefill")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the weight-read floor (H200: 4.8)")
+    p.add_argument("--experts", type=int, default=256, help="routed experts of the in-process shape (0: skip it)")
+    p.add_argument("--experts-batches", default="1,128", help="decode batches of that shape")
     p.add_argument("--no-triton", action="store_true")
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--no-longest", action="store_true", help="skip the longest-sequence probe")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     return p
 
 
@@ -70,6 +78,35 @@ def _ratio(ours, theirs) -> str:
     if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and ours > 0:
         return f"{theirs / ours:.1f}x"
     return "-"
+
+
+def _num(value, scale: float = 1.0):
+    """A measured number (scaled) or None for text such as "out of memory" and NaN."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value * scale
+    return None
+
+
+def decode_row(model_name: str, key: tuple[int, int], r: dict, theirs) -> dict:
+    batch, context = key
+    return {"model": model_name, "batch": batch, "context": context, "step_ms": _num(r.get("step_ms")),
+            "tokens_per_s": _num(r.get("tokens_per_s")), "rows_agree": r.get("rows_agree"),
+            "transformers_step_ms": _num(theirs), "kernels_per_step": r.get("kernels_per_step"),
+            "gpu_busy_graph": _num(r.get("gpu_busy_graph")), "gpu_busy_eager": _num(r.get("gpu_busy_eager"))}
+
+
+def wide_experts_model(cfg, experts: int, dtype: torch.dtype, device: torch.device):
+    """The benchmark model's shape with `experts` routed experts, random weights made on the device."""
+    from dataclasses import replace
+
+    from dsv4.backend.checkpoint.writer import randomize_weights
+    from dsv4.backend.model.transformer import Transformer
+
+    wide_cfg = replace(cfg, num_experts=experts)
+    with torch.device(device):
+        model = Transformer(wide_cfg, dtype)
+    randomize_weights(model, seed=1)
+    return model.eval(), f"{cfg.num_layers} layers, {experts} experts (in-process)"
 
 
 def weight_read_bytes(model) -> int:
@@ -198,13 +235,27 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 * 2**30
-    print("longest-sequence probe ...", file=sys.stderr)
-    longest = ours.longest_sequence(model, args.longest, int(free * args.longest_fraction), args.kv_format,
-                                    time_limit_s=args.longest_time,
-                                    progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr))
+    experts_decode, experts_name = {}, None
+    if args.experts and device.type == "cuda":
+        print(f"measuring the {args.experts}-expert shape ...", file=sys.stderr)
+        wide, experts_name = wide_experts_model(model.cfg, args.experts, dtype, device)
+        context = _ints(args.contexts)[0]
+        experts_decode = {(b, context): ours.decode_steps(wide, b, context, args.steps, args.kv_format)
+                          for b in _ints(args.experts_batches)}
+        del wide
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    longest = None
+    if not args.no_longest:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 * 2**30
+        print("longest-sequence probe ...", file=sys.stderr)
+        longest = ours.longest_sequence(model, args.longest, int(free * args.longest_fraction), args.kv_format,
+                                        time_limit_s=args.longest_time,
+                                        progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr))
 
     floor_ms = weight_read_bytes(model) / (args.hbm_tbps * 1e12) * 1e3
+    model_name = args.model.name
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True).stdout.strip()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"command: python scripts/bench_e2e.py {' '.join(argv if argv is not None else sys.argv[1:])}")
@@ -220,14 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {n} | {ttft[n] * 1e3:.1f} | {_fmt(served_ttft[n] * 1e3 if n in served_ttft else None)} | "
               f"{_fmt(theirs_ms)} | {_ratio(ttft[n] * 1e3, theirs_ms)} |")
 
-    print(f"\n| batch | context | step (ms) | tokens/s | rows agree | transformers step (ms) | speed-up | "
-          f"floor at batch 1: {floor_ms:.2f} ms |")
-    print("|---:|---:|---:|---:|:---:|---:|---:|---:|")
-    for (batch, context), r in decode.items():
-        theirs = hf_step.get((batch, context))
-        ratio = f"{r['step_ms'] / floor_ms:.2f}x floor" if batch == 1 and isinstance(r["step_ms"], float) else ""
-        print(f"| {batch} | {context} | {_fmt(r['step_ms'], '.2f')} | {_fmt(r['tokens_per_s'], '.0f')} | "
-              f"{ {True: 'yes', False: 'NO', None: '-'}[r['rows_agree']]} | {_fmt(theirs, '.2f')} | {_ratio(r['step_ms'], theirs)} | {ratio} |")
+    print(f"\n| model | batch | context | step (ms) | tokens/s | rows bitwise equal | kernels / step | GPU busy (graph) | "
+          f"transformers step (ms) | speed-up | floor at batch 1: {floor_ms:.2f} ms |")
+    print("|---|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|")
+    rows = [(model_name, k, r, hf_step.get(k)) for k, r in decode.items()]
+    rows += [(experts_name, k, r, None) for k, r in experts_decode.items()]
+    for name, (batch, context), r, theirs in rows:
+        ratio = f"{r['step_ms'] / floor_ms:.2f}x floor" if batch == 1 and name == model_name and isinstance(r["step_ms"], float) else ""
+        print(f"| {name} | {batch} | {context} | {_fmt(r['step_ms'], '.2f')} | {_fmt(r['tokens_per_s'], '.0f')} | "
+              f"{ {True: 'yes', False: 'NO', None: '-'}[r['rows_agree']]} | {_fmt(r.get('kernels_per_step'), 'd')} | "
+              f"{_fmt(r.get('gpu_busy_graph'), '.0%')} | {_fmt(theirs, '.2f')} | {_ratio(r['step_ms'], theirs)} | {ratio} |")
 
     if served_tp:
         inproc, served = inproc_tp["tokens_per_s"], served_tp["tokens_per_s"]
@@ -247,9 +300,31 @@ def main(argv: list[str] | None = None) -> int:
         expected = report(model.cfg, n, layout.fmt, 0)["total_bytes"] / n
         print(f"| {n} | {measured:.1f} | {expected:.1f} | {measured / expected:.4f} |")
 
-    print(f"\nlongest single sequence: {longest['tokens']:,} tokens ({longest['stopped']}), prefill "
-          f"{longest['prefill_s']:.1f} s, one decode step there {_fmt(longest['decode_step_ms'], '.2f')} ms, "
-          f"KV held {longest['kv_bytes'] / 2**20:,.1f} MiB")
+    if longest is not None:
+        print(f"\nlongest single sequence: {longest['tokens']:,} tokens ({longest['stopped']}), prefill "
+              f"{longest['prefill_s']:.1f} s, decode step there {_fmt(longest['decode_step_ms'], '.2f')} ms, "
+              f"KV held {longest['kv_bytes'] / 2**20:,.1f} MiB")
+    if args.json is not None:
+        report = {
+            "commit": commit, "date": str(datetime.date.today()), "gpu": name, "model": model_name,
+            "command": "python scripts/bench_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "kv_format": args.kv_format,
+            "weight_read_floor_ms": floor_ms, "server_start_s": _num(start_s),
+            "decode": [decode_row(n, k, r, theirs) for n, k, r, theirs in rows]
+                      + ([decode_row(model_name, (1, longest["tokens"]), {"step_ms": longest["decode_step_ms"]}, None)]
+                         if longest is not None else []),
+            "ttft": [{"prompt_tokens": n, "inproc_ms": ttft[n] * 1e3,
+                      "triton_ms": served_ttft[n] * 1e3 if n in served_ttft else None,
+                      "transformers_ms": _num(hf_ttft.get(n), 1e3)} for n in _ints(args.prompts)],
+            "served": [{"streams": args.triton_batch, "prompt_tokens": args.triton_context,
+                        "inproc_tok_s": _num(inproc_tp["tokens_per_s"]) if inproc_tp else None,
+                        "triton_tok_s": _num(served_tp["tokens_per_s"]),
+                        "median_ttft_ms": _num(served_tp["ttft_s"], 1e3)}] if served_tp else [],
+            "handoff": [{"context": n, **h} for n, h in handoffs.items()],
+            "longest": longest,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -75,45 +75,82 @@ def handoff(done: Prefilled) -> dict:
     return {"bytes": payload.numel() * payload.element_size(), "export_ms": (t1 - t0) * 1e3, "import_ms": (t3 - t2) * 1e3}
 
 
-def decode_steps(model: Transformer, batch: int, context: int, steps: int, kv_format: str, seed: int = 0) -> dict:
-    """Median decode step (ms) of `batch` requests each at `context` positions, and whether every
-    row chose the same tokens (they hold copies of one state, so a faulty import shows here)."""
-    done = prefill_one(model, random_prompt(context, model.cfg.vocab_size, seed), steps + 4, kv_format, num_rows=batch)
+def replicate(done: Prefilled, batch: int, positions: int) -> list:
+    """`batch` requests holding copies of the prefilled one (handoff export, then imports)."""
     storage = done.cache.storage
     header, payload = export_state(storage, done.cache.seqs[done.rid])
     seqs = [done.cache.seqs[done.rid]]
     for row in range(1, batch):
-        seq = done.cache.admit(f"r{row}", context + steps + 4)
+        seq = done.cache.admit(f"r{row}", positions)
         import_state(storage, seq, header, payload)
         seqs.append(seq)
-    del payload
-    tokens = torch.full((batch,), done.first_token, dtype=torch.long, device=model.device)
+    return seqs
+
+
+def profile_step(run, device: torch.device) -> tuple[int | None, float | None]:
+    """(CUDA kernels one call of `run` launches, share of its wall time the GPU is busy) from the profiler."""
+    if device.type != "cuda":
+        return None, None
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run()
+        sync(device)
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_us = sum(e.device_time for e in kernels) if kernels else 0.0
+    return len(kernels), min(1.0, busy_us / 1e6 / wall) if wall > 0 else None
+
+
+def decode_steps(model: Transformer, batch: int, context: int, steps: int, kv_format: str, seed: int = 0,
+                 cuda_graphs: bool = True) -> dict:
+    """Median decode step (ms) of `batch` requests each at `context` positions, run as the served
+    decode runs it (`DecodeRunner`: persistent rows, device sampling, a CUDA graph at the batch),
+    whether every row computed bitwise-equal logits at every step (they hold copies of one state),
+    and the kernels one step launches with the GPU's busy share (eager step, profiler)."""
+    from dsv4.backend.decode_runner import DecodeRunner
+    from dsv4.backend.sampler import SamplingParams
+
+    positions = context + steps + 8
+    done = prefill_one(model, random_prompt(context, model.cfg.vocab_size, seed), steps + 8, kv_format, num_rows=batch)
+    runner = DecodeRunner(model, done.cache.storage, batch, positions, model.cfg.eos_token_ids, cuda_graphs=cuda_graphs)
+    kernels, busy = profile_step(lambda: runner._forward(batch), model.device)  # before any row: null blocks only
+    runner.capture([batch])
+    for seq in replicate(done, batch, positions):
+        runner.add(seq, done.first_token, SamplingParams(temperature=0.0), seed=0, step=1, min_tokens=0)
     times, agree = [], True
     for step in range(steps + 2):
         sync(model.device)
         start = time.perf_counter()
-        tokens = model.decode(tokens, seqs, storage).argmax(-1)
+        runner.step()
         sync(model.device)
-        if step >= 2:  # the first steps warm allocators and autotuning
+        if step >= 2:  # the first steps warm allocators
             times.append(time.perf_counter() - start)
-        agree = agree and bool((tokens == tokens[0]).all())
+        logits = runner.last_logits
+        agree = agree and bool((logits == logits[:1]).all())
     step_s = sorted(times)[len(times) // 2]
-    return {"step_ms": step_s * 1e3, "tokens_per_s": batch / step_s, "rows_agree": agree}
+    graph_kernels, graph_busy = profile_step(runner.graphs[batch].replay, model.device) if runner.graphs else (None, None)
+    return {"step_ms": step_s * 1e3, "tokens_per_s": batch / step_s, "rows_agree": agree, "kernels_per_step": kernels,
+            "gpu_busy_eager": busy, "gpu_busy_graph": graph_busy, "graph_kernels": graph_kernels}
 
 
 def longest_sequence(model: Transformer, target: int, budget_bytes: int, kv_format: str, chunk: int = 8192,
                      time_limit_s: float = 300.0, progress=None) -> dict:
     """Prefill one request towards `target` positions in a pool of `budget_bytes`; stops at the
     target (capped by the model's positions and by what the budget holds), the time limit or the
-    first out-of-memory, then times one decode step there."""
+    first out-of-memory, then times decode steps there (a CUDA graph at batch 1; median of 5)."""
     limit = "target"
-    if target > model.cfg.max_position_embeddings - 1:
-        target, limit = model.cfg.max_position_embeddings - 1, "model positions"
+    room = 8  # positions reserved past the prompt for the timed decode steps
+    if target > model.cfg.max_position_embeddings - room:
+        target, limit = model.cfg.max_position_embeddings - room, "model positions"
     layout = layout_for(model.cfg, model.dtype, kv_format)
     spare = 2 * sum(layout.block_bytes)  # the pools' null pages
 
     def fits(n: int) -> bool:
-        return layout.request_bytes(n + 1).total + spare <= budget_bytes
+        return layout.request_bytes(n + room).total + spare <= budget_bytes
 
     if not fits(target):
         lo, hi = 0, target
@@ -121,9 +158,9 @@ def longest_sequence(model: Transformer, target: int, budget_bytes: int, kv_form
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         target, limit = lo, "KV budget"
-    cache = PagedCache.from_budget(model.cfg, model.dtype, model.device, budget_bytes, target + 1, max_num_seqs=1,
+    cache = PagedCache.from_budget(model.cfg, model.dtype, model.device, budget_bytes, target + room, max_num_seqs=1,
                                    kv_format=kv_format)
-    seq = cache.admit("long", target + 1)
+    seq = cache.admit("long", target + room)
     ids = random_prompt(target, model.cfg.vocab_size, seed=7)
     start = time.perf_counter()
     stopped = limit
@@ -143,12 +180,20 @@ def longest_sequence(model: Transformer, target: int, budget_bytes: int, kv_form
     prefill_s = time.perf_counter() - start
     tokens = seq.position
     step_ms = float("nan")
-    if logits is not None and seq.position < target + 1:
-        token = logits[-1:].argmax(-1)
-        sync(model.device)
-        t = time.perf_counter()
-        model.decode(token, [seq], cache.storage)
-        sync(model.device)
-        step_ms = (time.perf_counter() - t) * 1e3
+    if logits is not None:
+        from dsv4.backend.decode_runner import DecodeRunner
+        from dsv4.backend.sampler import SamplingParams
+
+        runner = DecodeRunner(model, cache.storage, 1, target + room, model.cfg.eos_token_ids)
+        runner.capture([1])
+        runner.add(seq, int(logits[-1].argmax()), SamplingParams(temperature=0.0), seed=0, step=1, min_tokens=0)
+        times = []
+        for _ in range(6):
+            sync(model.device)
+            t = time.perf_counter()
+            runner.step()
+            sync(model.device)
+            times.append((time.perf_counter() - t) * 1e3)
+        step_ms = sorted(times[1:])[len(times[1:]) // 2]
     return {"tokens": tokens, "stopped": stopped, "prefill_s": prefill_s, "decode_step_ms": step_ms,
             "kv_bytes": cache.bytes_held("long")}

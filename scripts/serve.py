@@ -69,6 +69,7 @@ def template_values(args, model_dir: Path) -> dict[str, str]:
         "snapshot_interval": str(args.snapshot_interval), "decode_cpu_threads": str(args.decode_cpu_threads),
         "prefill_cpu_threads": str(args.prefill_cpu_threads),
         "tokenizer_instances": str(args.tokenizer_instances), "unary_instances": str(args.unary_instances),
+        "cuda_graphs": "no" if args.no_cuda_graphs else "yes",
     }
 
 
@@ -86,7 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "auto: fp8 on cuda, float on cpu")
     p.add_argument("--max-model-len", type=int, default=8192, help="longest prompt + output served (tokens)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-batch", type=int, default=64, help="decode batch size cap")
+    p.add_argument("--max-batch", type=int, default=64, help="decode batch size cap (rows of the decode step)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the decode step eagerly instead of replaying CUDA graphs captured at start-up (debugging)")
     p.add_argument("--max-sequences", type=int, default=32, help="requests decode holds at once")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued for KV room before UNAVAILABLE")
     p.add_argument("--kv-cache-gib", type=float, default=0.5, help="decode's KV pool (requests reserve prompt + max_tokens)")

@@ -28,17 +28,18 @@ FP32_SUFFIXES = ("attn_sink", ".ape", "_fn", "_base", "_scale", "norm.weight", "
 BF16_IN_RELEASE = ("compressor.wkv.weight", "compressor.wgate.weight", "weights_proj.weight", "gate.weight", "embed.weight", "head.weight")
 
 
-def _random_tensor(name: str, shape: torch.Size, cfg: ModelConfig, gen: torch.Generator) -> torch.Tensor:
+def _random_tensor(name: str, shape: torch.Size, cfg: ModelConfig, gen: torch.Generator,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
     def normal(std: float, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(shape, generator=gen) * std + mean
+        return torch.randn(shape, generator=gen, device=device) * std + mean
 
     if name.endswith("tid2eid"):
         # distinct experts per token: the first k of a random permutation per row
-        return torch.rand(shape[0], cfg.num_experts, generator=gen).argsort(dim=1)[:, : shape[1]].contiguous()
+        return torch.rand(shape[0], cfg.num_experts, generator=gen, device=device).argsort(dim=1)[:, : shape[1]].contiguous()
     if name.endswith("attn_sink") or name.endswith(".ape") or name.endswith("_base"):
         return normal(0.5)
     if name.endswith("_scale"):
-        return torch.rand(shape, generator=gen) + 0.5
+        return torch.rand(shape, generator=gen, device=device) + 0.5
     if name.endswith("norm.weight"):
         return normal(0.1, 1.0)
     if name.endswith("gate.bias"):
@@ -46,6 +47,17 @@ def _random_tensor(name: str, shape: torch.Size, cfg: ModelConfig, gen: torch.Ge
     if name in ("embed.weight", "head.weight"):
         return normal(1.0 if name == "embed.weight" else 0.05)
     return normal(cfg_std(shape))
+
+
+@torch.no_grad()
+def randomize_weights(model: Transformer, seed: int = 0) -> Transformer:
+    """Fill a model in place with the same distributions `write_checkpoint` uses, generated on the
+    model's device (no checkpoint on disk: how benchmarks build shapes too large to write)."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith("tid2eid"))]
+    for name, t in tqdm(tensors, desc="random weights", unit="tensor", leave=False):
+        t.copy_(_random_tensor(name, t.shape, model.cfg, gen, model.device).to(t.dtype))
+    return model
 
 
 def cfg_std(shape: torch.Size) -> float:

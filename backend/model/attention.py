@@ -12,9 +12,10 @@ from torch import nn
 
 from ..config import CSA, HCA, ModelConfig
 from ..kv_cache.storage import KVStorage, SequenceState, gather_entries, store_entries
-from . import kernel_path, ops
+from . import ops
 from .compressor import compress_chunk, compress_decode
-from .layers import Linear, RMSNormWeight, empty_param
+from .decode_batch import DecodeBatch
+from .layers import Linear, RMSNormWeight, empty_param, fuse_linears
 from .sparse_attention import KeyGroup, attend, index_scores, select_topk
 
 
@@ -93,6 +94,18 @@ class Attention(nn.Module):
         self.indexer = Indexer(cfg, dtype) if self.kind == CSA else None
         self.register_buffer("inv_freq", ops.layer_inv_freq(cfg, compressed=self.rate > 0), persistent=False)
         self.scale = c**-0.5
+        # the kernel path's fused GEMMs: every projection of x, and of the q latent (views, no copies)
+        x_rows = {"wq_a": self.wq_a, "wkv": self.wkv}
+        if self.compressor is not None:
+            x_rows.update(comp_wkv=self.compressor.wkv, comp_wgate=self.compressor.wgate)
+        if self.indexer is not None:
+            ic = self.indexer.compressor
+            x_rows.update(index_wkv=ic.wkv, index_wgate=ic.wgate, index_weights=self.indexer.weights_proj)
+        self.x_proj_names = tuple(x_rows)
+        self.x_proj_sizes = [m.weight.shape[0] for m in x_rows.values()]
+        self.register_buffer("x_proj", fuse_linears(list(x_rows.values())), persistent=False)
+        cq_rows = [self.wq_b] + ([self.indexer.wq_b] if self.indexer is not None else [])
+        self.register_buffer("cq_proj", fuse_linears(cq_rows), persistent=False)
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         """Queries [N, H, c] (head-normalised, RoPE'd), shared K=V [N, c], q latent [N, d_q], cos, sin."""
@@ -118,8 +131,7 @@ class Attention(nn.Module):
     # prefill: one request, tokens seq.position .. seq.position + S - 1
 
     def prefill(self, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage) -> torch.Tensor:
-        if kv_store.use_kernels:
-            return kernel_path.prefill(self, x, seq, kv_store)
+        """Reference path (the kernel path is `kernel_path.prefill`)."""
         window = self.cfg.window
         start, count = seq.position, x.shape[0]
         positions = torch.arange(start, start + count, device=x.device)
@@ -176,9 +188,9 @@ class Attention(nn.Module):
 
     # decode: one token per request, each at its own position
 
-    def decode(self, x: torch.Tensor, seqs: list[SequenceState], kv_store: KVStorage) -> torch.Tensor:
-        if kv_store.use_kernels:
-            return kernel_path.decode(self, x, seqs, kv_store)
+    def decode(self, x: torch.Tensor, batch: DecodeBatch, kv_store: KVStorage) -> torch.Tensor:
+        """Reference path: reads the host state in `batch.seqs` (the kernel path is `kernel_path.decode`)."""
+        seqs = list(batch.seqs)
         window = self.cfg.window
         positions = torch.tensor([s.position for s in seqs], device=x.device)
         q, kv, c_q, cos, sin = self._project(x, positions)

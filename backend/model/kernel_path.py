@@ -1,75 +1,101 @@
 """The attention layer on the fused Triton kernels (the path a CUDA cache takes).
 
-Same math, weights and cache layout as the reference code in `attention.py`: the kernels read
-the page pools through the block tables directly, update the compressor accumulators in place,
-and apply the inverse RoPE in the attention epilogue. Projections stay in PyTorch.
+Same math, weights and cache layout as the reference code in `attention.py`. Every projection of
+the layer input is one GEMM (`attn.x_proj`: q latent, K=V, both compressors' values and gates,
+the indexer's head weights) and every projection of the q latent another (`attn.cq_proj`: queries
+and index queries); the kernels then normalise and rotate in place of the reference's chains of
+small ops, write the window ring directly, read the page pools through the block tables, update
+the compressor accumulators in place and apply the inverse RoPE in the attention epilogue.
+
+Decode reads nothing but device tensors (`DecodeBatch`), so a step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..kv_cache.storage import KVStorage, SequenceState
-
-
-def _tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Block tables padded with the null block into `[B, max_blocks]` int32."""
-    width = max((len(t) for t in tables), default=0) or 1
-    out = torch.zeros(len(tables), width, dtype=torch.int32)
-    for b, t in enumerate(tables):
-        out[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    return out.to(device)
+from .decode_batch import DecodeBatch
 
 
 def _key_format(pool) -> str | None:
     return pool.fmt[len("index_"):] if pool.packed else None
 
 
-def _ids(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32, device=device)
+def _split_x(attn, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The layer input's fused projection, split into named column views `[N, width]`."""
+    return dict(zip(attn.x_proj_names, F.linear(x, attn.x_proj).split(attn.x_proj_sizes, dim=1)))
 
 
-def decode(attn, x: torch.Tensor, seqs: list[SequenceState], kv_store: KVStorage) -> torch.Tensor:
-    from dsv4.kernels.compressor import compressor_decode
-    from dsv4.kernels.indexer_topk import indexer_topk_decode
-    from dsv4.kernels.sparse_decode import sparse_decode
+def _queries(attn, proj: dict[str, torch.Tensor], positions: torch.Tensor):
+    """(queries [N, H, c], q latent [N, d_q], index queries [N, n_I, c_I] or None)."""
+    from dsv4.kernels.norm_rope.kernel import head_norm_rope, rms_norm_rows
 
-    device, layer, cfg = x.device, attn.layer, attn.cfg
-    positions = torch.tensor([s.position for s in seqs], dtype=torch.int64, device=device)
-    q, kv, c_q, cos, sin = attn._project(x, positions)
+    cfg = attn.cfg
+    c_q = rms_norm_rows(proj["wq_a"], attn.q_norm.weight, cfg.rms_norm_eps)
+    qp = F.linear(c_q, attn.cq_proj)
+    heads_width = cfg.num_heads * cfg.head_dim
+    q = head_norm_rope(qp[:, :heads_width], positions, attn.inv_freq, num_heads=cfg.num_heads, eps=cfg.rms_norm_eps)
+    iq = None
+    if attn.indexer is not None:
+        iq = head_norm_rope(qp[:, heads_width:], positions, attn.inv_freq, num_heads=attn.indexer.heads, normalize=False)
+    return q, c_q, iq
+
+
+def _rotated(iq: torch.Tensor, pool) -> torch.Tensor:
+    """Index queries rotated like FP4-stored keys (unchanged for the other formats)."""
+    return iq if pool.rotation is None else (iq.float() @ pool.rotation).to(iq.dtype)
+
+
+def decode(attn, x: torch.Tensor, batch: DecodeBatch, kv_store: KVStorage) -> torch.Tensor:
+    from dsv4.kernels.compressor.kernel import compressor_decode
+    from dsv4.kernels.indexer_topk.kernel import indexer_topk_decode
+    from dsv4.kernels.norm_rope.kernel import kv_norm_rope
+    from dsv4.kernels.sparse_decode.kernel import sparse_decode
+
+    layer, cfg, positions = attn.layer, attn.cfg, batch.positions
+    proj = _split_x(attn, x)
+    q, _, iq = _queries(attn, proj, positions)
     ring = kv_store.ring[layer]
-    ring_blocks = _ids([s.ring_block for s in seqs], device)
-    ring.write(ring_blocks.long(), positions % cfg.window, kv)
+    kv_norm_rope(proj["wkv"], positions, attn.inv_freq, attn.kv_norm.weight, cfg.rms_norm_eps,
+                 ring=ring.tensor, ring_blocks=batch.ring_blocks, window=cfg.window)
     comp = table = num_comp = picks = None
     if attn.compressor is not None:
-        c, state_blocks = attn.compressor, _ids([s.state_block for s in seqs], device)
-        comp, table = kv_store.comp[layer], _tables([kv_store.comp_blocks(s, layer) for s in seqs], device)
-        compressor_decode(c.wkv(x), c.wgate(x), c.ape, c.norm.weight, attn.inv_freq, kv_store.acc[layer], state_blocks,
-                          positions, comp.tensor, table, rate=c.rate, eps=c.eps, entry_format=comp.entry_format)
-        num_comp = ((positions + 1) // c.rate).to(torch.int32)
+        c = attn.compressor
+        comp = kv_store.comp[layer]
+        table = batch.csa_table if attn.indexer is not None else batch.hca_table
+        num_comp = batch.visible(c.rate)
+        compressor_decode(proj["comp_wkv"], proj["comp_wgate"], c.ape, c.norm.weight, attn.inv_freq, kv_store.acc[layer],
+                          batch.state_blocks, positions, comp.tensor, table, rate=c.rate, eps=c.eps,
+                          entry_format=comp.entry_format)
         if attn.indexer is not None:
             index, ic = kv_store.index[layer], attn.indexer.compressor
-            index_table = _tables([s.csa_index_blocks for s in seqs], device)
-            compressor_decode(ic.wkv(x), ic.wgate(x), ic.ape, ic.norm.weight, attn.inv_freq, kv_store.index_acc[layer],
-                              state_blocks, positions, index.tensor, index_table, rate=ic.rate, eps=ic.eps,
-                              entry_format=index.entry_format, hadamard=index.rotation)
-            iq, iw = attn.indexer.queries(c_q, x, cos, sin, index.rotation)
-            picks = indexer_topk_decode(iq.contiguous(), iw.contiguous(), index.tensor, index_table, num_comp,
-                                        attn.indexer.topk, key_format=_key_format(index))
-    o = sparse_decode(q.contiguous(), positions, ring.tensor, ring_blocks, comp.tensor if comp else None, table, num_comp,
+            compressor_decode(proj["index_wkv"], proj["index_wgate"], ic.ape, ic.norm.weight, attn.inv_freq,
+                              kv_store.index_acc[layer], batch.state_blocks, positions, index.tensor,
+                              batch.csa_index_table, rate=ic.rate, eps=ic.eps, entry_format=index.entry_format,
+                              hadamard=index.rotation)
+            picks = indexer_topk_decode(_rotated(iq, index), proj["index_weights"], index.tensor, batch.csa_index_table,
+                                        num_comp, attn.indexer.topk, key_format=_key_format(index),
+                                        w_scale=attn.indexer.heads**-0.5)
+    o = sparse_decode(q, positions, ring.tensor, batch.ring_blocks, comp.tensor if comp else None, table, num_comp,
                       picks, attn.attn_sink, attn.scale, attn.inv_freq)
     return attn._grouped_output(o)
 
 
 def prefill(attn, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage) -> torch.Tensor:
-    from dsv4.kernels.compressor import compressor_prefill
-    from dsv4.kernels.indexer_topk import indexer_topk_prefill
-    from dsv4.kernels.sparse_prefill import sparse_prefill
+    from dsv4.kernels.compressor.kernel import compressor_prefill
+    from dsv4.kernels.indexer_topk.kernel import indexer_topk_prefill
+    from dsv4.kernels.norm_rope.kernel import kv_norm_rope
+    from dsv4.kernels.sparse_prefill.kernel import sparse_prefill
 
-    device, layer, window = x.device, attn.layer, attn.cfg.window
+    device, layer, cfg = x.device, attn.layer, attn.cfg
+    window = cfg.window
     start, count = seq.position, x.shape[0]
     positions = torch.arange(start, start + count, device=device)
-    q, kv, c_q, cos, sin = attn._project(x, positions)
+    proj = _split_x(attn, x)
+    q, _, iq = _queries(attn, proj, positions)
+    kv = kv_norm_rope(proj["wkv"], positions, attn.inv_freq, attn.kv_norm.weight, cfg.rms_norm_eps)
     ring = kv_store.ring[layer]
     history = min(start, window - 1)
     hist_pos = torch.arange(start - history, start, device=device)
@@ -81,18 +107,19 @@ def prefill(attn, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage) -> t
     rate = attn.rate or 1
     if attn.compressor is not None:
         c = attn.compressor
-        comp, table = kv_store.comp[layer], _tables([kv_store.comp_blocks(seq, layer)], device)[0]
-        compressor_prefill(c.wkv(x), c.wgate(x), c.ape, c.norm.weight, attn.inv_freq, kv_store.acc[layer], seq.state_block,
-                           start, comp.tensor, table, rate=c.rate, eps=c.eps, entry_format=comp.entry_format)
+        comp = kv_store.comp[layer]
+        table = torch.tensor(kv_store.comp_blocks(seq, layer) or [0], dtype=torch.int32, device=device)
+        compressor_prefill(proj["comp_wkv"], proj["comp_wgate"], c.ape, c.norm.weight, attn.inv_freq, kv_store.acc[layer],
+                           seq.state_block, start, comp.tensor, table, rate=c.rate, eps=c.eps, entry_format=comp.entry_format)
         if attn.indexer is not None:
             index, ic = kv_store.index[layer], attn.indexer.compressor
-            index_table = _tables([seq.csa_index_blocks], device)[0]
-            compressor_prefill(ic.wkv(x), ic.wgate(x), ic.ape, ic.norm.weight, attn.inv_freq, kv_store.index_acc[layer],
-                               seq.state_block, start, index.tensor, index_table, rate=ic.rate, eps=ic.eps,
-                               entry_format=index.entry_format, hadamard=index.rotation)
-            iq, iw = attn.indexer.queries(c_q, x, cos, sin, index.rotation)
-            picks = indexer_topk_prefill(iq.contiguous(), iw.contiguous(), index.tensor, index_table, start,
-                                         attn.indexer.topk, rate=ic.rate, key_format=_key_format(index))
-    o = sparse_prefill(q.contiguous(), start, raw, window, comp.tensor if comp else None, table, picks, rate,
+            index_table = torch.tensor(seq.csa_index_blocks or [0], dtype=torch.int32, device=device)
+            compressor_prefill(proj["index_wkv"], proj["index_wgate"], ic.ape, ic.norm.weight, attn.inv_freq,
+                               kv_store.index_acc[layer], seq.state_block, start, index.tensor, index_table, rate=ic.rate,
+                               eps=ic.eps, entry_format=index.entry_format, hadamard=index.rotation)
+            picks = indexer_topk_prefill(_rotated(iq, index), proj["index_weights"], index.tensor, index_table, start,
+                                         attn.indexer.topk, rate=ic.rate, key_format=_key_format(index),
+                                         w_scale=attn.indexer.heads**-0.5)
+    o = sparse_prefill(q, start, raw, window, comp.tensor if comp else None, table, picks, rate,
                        attn.attn_sink, attn.scale, attn.inv_freq)
     return attn._grouped_output(o)

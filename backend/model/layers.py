@@ -28,3 +28,20 @@ class RMSNormWeight(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.weight = empty_param(dim, dtype=torch.float32)
+
+
+def fuse_linears(linears: list[Linear]) -> torch.Tensor:
+    """One `[sum out, in]` weight whose row blocks ARE the given linears' weights (views, no copy).
+
+    The checkpoint loader fills the views in place, so the per-module names stay the checkpoint's
+    while the kernel path runs one GEMM for every projection that shares an input.
+    """
+    fused = torch.empty(sum(m.weight.shape[0] for m in linears), linears[0].weight.shape[1], dtype=linears[0].weight.dtype,
+                        device=linears[0].weight.device)
+    row = 0
+    for m in linears:
+        out = m.weight.shape[0]
+        assert m.weight.shape[1] == fused.shape[1] and m.weight.dtype == fused.dtype, "fused linears share in-dim and dtype"
+        m.weight = nn.Parameter(fused[row:row + out], requires_grad=False)
+        row += out
+    return fused

@@ -1,10 +1,20 @@
-"""Mixture of experts: hash routing (first layers) or sqrt-softplus scores with a selection bias."""
+"""Mixture of experts: hash routing (first layers) or sqrt-softplus scores with a selection bias.
+
+Two paths over the same weights. The reference (`forward`) loops over the experts a batch uses.
+The grouped path (`grouped`, the kernel path) routes on the device, sorts token-expert pairs by
+expert and runs two grouped GEMMs over all experts at once, the shared expert included as group E:
+no host synchronisation and no per-expert launches, whatever the expert count. The experts'
+weights are views into `w13 [E+1, 2I, d]` (gate rows first, then up) and `w2 [E+1, d, I]`, so the
+checkpoint names stay per expert while the GEMMs read one stacked tensor.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dsv4.kernels.moe.reference import route_ref, swiglu_ref
 
 from ..config import HASH_MOE, ModelConfig
 from .layers import Linear, empty_param
@@ -21,9 +31,14 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, inter, dtype)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.w1(x).clamp(max=self.limit)
-        up = self.w3(x).clamp(min=-self.limit, max=self.limit)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(swiglu_ref(self.w1(x), self.w3(x), self.limit))
+
+    def bind(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Make this expert's weights views of one row of the stacked tensors."""
+        inter = self.w1.weight.shape[0]
+        self.w1.weight = nn.Parameter(w13[:inter], requires_grad=False)
+        self.w3.weight = nn.Parameter(w13[inter:], requires_grad=False)
+        self.w2.weight = nn.Parameter(w2, requires_grad=False)
 
 
 class Gate(nn.Module):
@@ -35,27 +50,42 @@ class Gate(nn.Module):
             self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.experts_per_token, dtype=torch.long))
         else:
             self.bias = empty_param(cfg.num_experts, dtype=torch.float32)
+        self._weight_f32: torch.Tensor | None = None
+        self._weight_version = -1
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate logits `[N, E]` in float32 (the weight's float32 copy is kept while the weight is unchanged)."""
+        if self.weight.dtype == torch.float32:
+            w = self.weight
+        else:
+            if self._weight_f32 is None or self._weight_version != self.weight._version:
+                self._weight_f32, self._weight_version = self.weight.float(), self.weight._version
+            w = self._weight_f32
+        return F.linear(x.float(), w)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights [N, k] (float32) and expert ids [N, k] for tokens x [N, d]."""
-        scores = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()
-        if self.hashed:
-            idx = self.tid2eid[token_ids]
-        else:
-            # the bias balances load: it changes which experts are picked, never their weights
-            idx = torch.topk(scores + self.bias, self.topk, dim=-1, sorted=False).indices
-        w = scores.gather(1, idx)
-        return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale, idx
+        hash_ids = self.tid2eid[token_ids] if self.hashed else None
+        return route_ref(self.logits(x), None if self.hashed else self.bias, hash_ids, self.topk, self.route_scale)
 
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, mlp_type: str, dtype: torch.dtype):
         super().__init__()
         self.gate = Gate(cfg, mlp_type == HASH_MOE, dtype)
-        self.experts = nn.ModuleList(
-            Expert(cfg.hidden_size, cfg.moe_inter_size, cfg.swiglu_limit, dtype) for _ in range(cfg.num_experts)
-        )
-        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_inter_size * cfg.num_shared_experts, cfg.swiglu_limit, dtype)
+        d, inter, shared_inter = cfg.hidden_size, cfg.moe_inter_size, cfg.moe_inter_size * cfg.num_shared_experts
+        self.experts = nn.ModuleList(Expert(d, inter, cfg.swiglu_limit, dtype) for _ in range(cfg.num_experts))
+        self.shared_experts = Expert(d, shared_inter, cfg.swiglu_limit, dtype)
+        self.limit = cfg.swiglu_limit
+        # the grouped path needs the shared expert to be one more group of the same width
+        self.stacked = shared_inter == inter
+        if self.stacked:
+            groups = cfg.num_experts + 1
+            device = self.gate.weight.device
+            self.register_buffer("w13", torch.empty(groups, 2 * inter, d, dtype=dtype, device=device), persistent=False)
+            self.register_buffer("w2", torch.empty(groups, d, inter, dtype=dtype, device=device), persistent=False)
+            for e, expert in enumerate([*self.experts, self.shared_experts]):
+                expert.bind(self.w13[e], self.w2[e])
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         weights, idx = self.gate(x, token_ids)
@@ -65,3 +95,26 @@ class MoE(nn.Module):
             y = self.experts[e](x[rows]) * weights[rows, slot, None].to(x.dtype)
             out.index_add_(0, rows, y.to(out.dtype))
         return out + self.shared_experts(x)
+
+    def grouped(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Same function as `forward`, on the device kernels and grouped GEMMs (no host sync)."""
+        from dsv4.kernels.moe.kernel import moe_combine, moe_route, swiglu
+
+        if not self.stacked:
+            return self.forward(x, token_ids)
+        gate = self.gate
+        if gate.hashed:
+            weights, ids = moe_route(gate.logits(x), gate.topk, gate.route_scale, tid2eid=gate.tid2eid, token_ids=token_ids)
+        else:
+            weights, ids = moe_route(gate.logits(x), gate.topk, gate.route_scale, bias=gate.bias)
+        n_tok, k1 = ids.shape
+        groups = self.w13.shape[0]
+        flat = ids.flatten().long()
+        order = torch.argsort(flat, stable=True)  # token-expert pairs grouped by expert
+        slots = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        counts = torch.zeros(groups, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        offsets = counts.cumsum(0).to(torch.int32)
+        rows = x.index_select(0, order // k1)
+        h = torch._grouped_mm(rows, self.w13.transpose(1, 2), offs=offsets)
+        y = torch._grouped_mm(swiglu(h, self.limit), self.w2.transpose(1, 2), offs=offsets)
+        return moe_combine(y, slots.view(n_tok, k1), weights)

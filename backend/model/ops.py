@@ -1,4 +1,5 @@
-"""Small stateless math shared by the V4 modules: norms, interleaved partial RoPE, YaRN frequencies."""
+"""Small stateless math shared by the V4 modules: YaRN frequencies here; norms and RoPE from the
+kernels' float32 references (one definition for the model and the kernel tests)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,11 @@ import math
 
 import torch
 
+from dsv4.kernels.norm_rope.reference import apply_rope, head_rms_norm, rms_norm, rope_cos_sin
+
 from ..config import ModelConfig
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm in float32; the (float32) weight multiplies before the single cast back, as the release does."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        xf = weight.float() * xf
-    return xf.to(x.dtype)
-
-
-def head_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Unweighted per-head RMS normalisation of queries (keeps logits bounded)."""
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+__all__ = ["apply_rope", "head_rms_norm", "rms_norm", "rope_cos_sin", "layer_inv_freq", "yarn_inv_freq", "default_inv_freq"]
 
 
 def default_inv_freq(rope_dim: int, theta: float) -> torch.Tensor:
@@ -53,26 +44,3 @@ def layer_inv_freq(cfg: ModelConfig, compressed: bool) -> torch.Tensor:
         return default_inv_freq(cfg.rope_dim, cfg.compress_rope_theta)
     y = cfg.yarn
     return yarn_inv_freq(cfg.rope_dim, cfg.compress_rope_theta, y.factor, y.original_max_position, y.beta_fast, y.beta_slow)
-
-
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [..., rope_dim/2] in float32 for integer positions of any shape."""
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
-    return freqs.cos(), freqs.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate the trailing rope dims of `x` in interleaved pairs (2i, 2i+1).
-
-    x: [..., D]; cos/sin: broadcastable to [..., rope_dim/2] (insert head axes before calling).
-    `inverse` rotates by the conjugate angle (used on the attention output, since V carries RoPE).
-    """
-    half = cos.shape[-1]
-    rope_dim = 2 * half
-    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
-    pairs = rope.float().unflatten(-1, (half, 2))
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    if inverse:
-        sin = -sin
-    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat([nope, out.to(x.dtype)], dim=-1)

@@ -4,17 +4,24 @@
 `prefill` advances one request by a chunk of any length from its current position; `decode`
 advances B requests by one token each. Neither allocates cache blocks: the caller reserves
 them (see `kv_cache`), so the forward never fails half-way for lack of memory.
+
+Two paths share the weights: the PyTorch reference (CPU, the oracle) and the kernel path (a CUDA
+cache: fused attention, mHC and MoE kernels, grouped expert GEMMs). The choice is made once per
+call from the storage, never per layer. `decode_batch` on the kernel path reads only device
+tensors and never waits for the host, so a step can be captured as one CUDA graph.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ROUTED_MOE, SWA, ModelConfig
 from ..kv_cache.storage import KVStorage, SequenceState
-from . import ops
+from . import kernel_path, ops
 from .attention import Attention
+from .decode_batch import DecodeBatch
 from .hyper import hc_collapse, hc_expand, hc_head, hc_weights
 from .layers import Linear, RMSNormWeight, empty_param
 from .moe import MoE
@@ -34,8 +41,10 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_base", empty_param(mix, dtype=torch.float32))
             setattr(self, f"hc_{site}_scale", empty_param(3, dtype=torch.float32))
 
-    def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, attend) -> torch.Tensor:
+    def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, attend, kernels: bool = False) -> torch.Tensor:
         """streams [N, n_hc, d]; `attend(x [N, d]) -> [N, d]` runs this layer's attention."""
+        if kernels:
+            return self._forward_fused(streams, token_ids, attend)
         eps = self.cfg.rms_norm_eps
         w = hc_weights(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.cfg)
         y = attend(ops.rms_norm(hc_collapse(streams, w.pre), self.attn_norm.weight, eps))
@@ -43,6 +52,26 @@ class Block(nn.Module):
         w = hc_weights(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.cfg)
         y = self.ffn(ops.rms_norm(hc_collapse(streams, w.pre), self.ffn_norm.weight, eps), token_ids)
         return hc_expand(streams, y, w)
+
+    def _forward_fused(self, streams: torch.Tensor, token_ids: torch.Tensor, attend) -> torch.Tensor:
+        from dsv4.kernels.mhc.kernel import hc_post
+
+        x, post, comb = fused_collapse(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale,
+                                       self.attn_norm.weight, self.cfg)
+        streams = hc_post(streams, attend(x), post, comb)
+        x, post, comb = fused_collapse(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale,
+                                       self.ffn_norm.weight, self.cfg)
+        return hc_post(streams, self.ffn.grouped(x, token_ids), post, comb)
+
+
+def fused_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                   norm_weight: torch.Tensor, cfg: ModelConfig, head: bool = False):
+    """mHC weights + collapse + RMSNorm on the kernels: one GEMM for the mixing logits, one kernel for the rest."""
+    from dsv4.kernels.mhc.kernel import hc_pre
+
+    mixes = F.linear(streams.flatten(1).float(), fn)
+    return hc_pre(streams, mixes, base, scale, norm_weight, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+                  norm_eps=cfg.rms_norm_eps, head=head)
 
 
 class MTPBlock(Block):
@@ -89,26 +118,43 @@ class Transformer(nn.Module):
         x = self.embed.weight[token_ids]
         return x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
 
-    def _logits(self, streams: torch.Tensor) -> torch.Tensor:
-        x = hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.cfg)
-        x = ops.rms_norm(x, self.norm.weight, self.cfg.rms_norm_eps)
+    def _logits(self, streams: torch.Tensor, kernels: bool) -> torch.Tensor:
+        if kernels:
+            x, _, _ = fused_collapse(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm.weight,
+                                     self.cfg, head=True)
+        else:
+            x = hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.cfg)
+            x = ops.rms_norm(x, self.norm.weight, self.cfg.rms_norm_eps)
         return self.head(x).float()
 
     @torch.inference_mode()
     def prefill(self, token_ids: torch.Tensor, seq: SequenceState, kv_store: KVStorage, all_logits: bool = False) -> torch.Tensor:
         """Run tokens seq.position .. +S-1 of one request; returns logits [S, V] or [1, V] (last)."""
+        kernels = kv_store.use_kernels
+        prefill_attn = kernel_path.prefill if kernels else Attention.prefill
         streams = self._streams(token_ids)
         for block in self.layers:
-            streams = block(streams, token_ids, lambda x, a=block.attn: a.prefill(x, seq, kv_store))
+            streams = block(streams, token_ids, lambda x, a=block.attn: prefill_attn(a, x, seq, kv_store), kernels)
         seq.position += token_ids.shape[0]
-        return self._logits(streams if all_logits else streams[-1:])
+        return self._logits(streams if all_logits else streams[-1:], kernels)
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, seqs: list[SequenceState], kv_store: KVStorage) -> torch.Tensor:
         """One token per request at each request's own position; returns logits [B, V]."""
-        streams = self._streams(token_ids)
-        for block in self.layers:
-            streams = block(streams, token_ids, lambda x, a=block.attn: a.decode(x, seqs, kv_store))
+        logits = self.decode_batch(token_ids, DecodeBatch.from_seqs(seqs, self.device), kv_store)
         for s in seqs:
             s.position += 1
-        return self._logits(streams)
+        return logits
+
+    @torch.inference_mode()
+    def decode_batch(self, token_ids: torch.Tensor, batch: DecodeBatch, kv_store: KVStorage) -> torch.Tensor:
+        """One decode step over prepared inputs (positions are not advanced: the caller does that).
+
+        token_ids: `[B]` int64 on the model's device; returns logits `[B, V]` float32.
+        """
+        kernels = kv_store.use_kernels
+        decode_attn = kernel_path.decode if kernels else Attention.decode
+        streams = self._streams(token_ids)
+        for block in self.layers:
+            streams = block(streams, token_ids, lambda x, a=block.attn: decode_attn(a, x, batch, kv_store), kernels)
+        return self._logits(streams, kernels)

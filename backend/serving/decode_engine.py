@@ -3,6 +3,10 @@
 Threads: `submit` / `cancel` are called from Triton's execute and sender threads; the loop runs on
 its own thread and hands finished chunks to `sink`, which must only enqueue (the adapter's
 sender thread does the slow IPC), so the model never waits on a client.
+
+The step itself is `DecodeRunner`'s: a request takes a row when it joins (at most `max_batch`
+rows; further requests wait, holding nothing) and gives it back when it ends; every step runs all
+rows (one CUDA graph replay on a GPU) and reads the sampled tokens back once.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..generate import sample_tokens
+from ..decode_runner import DecodeRunner
 from ..kv_cache.paged_cache import PagedCache
 from ..kv_cache.storage import SequenceState
 from ..model.transformer import Transformer
@@ -55,7 +59,7 @@ class Active:
     params: SamplingParams  # built (and validated) once, not at every step
     seq: SequenceState
     text: TextState
-    next_token: int
+    row: int = -1  # its row in the runner while decoding
     first_token_time: float = field(default_factory=time.time)
 
 
@@ -78,11 +82,14 @@ class EngineStats:
 
 class DecodeEngine:
     def __init__(self, model: Transformer, cache: PagedCache, codec: TextCodec, sink: Sink, max_batch: int = 64,
-                 max_waiting: int = 256):
+                 max_waiting: int = 256, max_model_len: int | None = None, cuda_graphs: bool = True):
         self.model, self.cache, self.codec, self.sink = model, cache, codec, sink
         self.storage = cache.storage
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.eos = frozenset(model.cfg.eos_token_ids)
+        self.runner = DecodeRunner(model, self.storage, max_batch, max_model_len or model.cfg.max_position_embeddings,
+                                   self.eos, cuda_graphs=cuda_graphs)
+        self.row_rids: list[int] = []  # rid of each live runner row
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
         # admitted in arrival order once the pools can hold them; beyond max_waiting: UNAVAILABLE
         self.waiting: deque[Arrival] = deque()
@@ -97,8 +104,11 @@ class DecodeEngine:
         self.drained = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dsv4-decode-loop", daemon=True)
 
-    def start(self) -> None:
+    def start(self) -> float:
+        """Capture the decode graphs (GPU), then start the loop; returns the capture's seconds."""
+        seconds = self.runner.capture()
         self._thread.start()
+        return seconds
 
     def submit(self, arrival: Arrival) -> None:
         self.arrivals.put(arrival)
@@ -178,7 +188,7 @@ class DecodeEngine:
                 self.sink(arrival.rid, None, ("UNAVAILABLE", NO_ROOM_MESSAGE))
             else:
                 self.waiting.append(arrival)
-        while self.waiting:
+        while self.waiting and len(self.active) < self.max_batch:
             arrival = self.waiting[0]
             total = arrival.config.num_input_tokens + arrival.config.max_tokens
             if not self.cache.can_admit(total):
@@ -199,11 +209,14 @@ class DecodeEngine:
             self.sink(arrival.rid, None, ("INTERNAL", f"could not import the request's cache state: {exc}"))
             return
         config = arrival.config
-        entry = Active(arrival.rid, config, config.sampling(), seq, TextState(config, self.codec, self.eos),
-                       arrival.first_token)
+        entry = Active(arrival.rid, config, config.sampling(), seq, TextState(config, self.codec, self.eos))
         self.active[arrival.rid] = entry
         self.stats.prompt_tokens += config.num_input_tokens
         self._accept(entry, arrival.first_token)
+        if arrival.rid in self.active:  # not already finished by its first token
+            entry.row = self.runner.add(seq, arrival.first_token, entry.params, config.seed, len(entry.text.generated),
+                                        config.min_tokens)
+            self.row_rids.append(arrival.rid)
 
     def _apply_cancels(self) -> None:
         with self._lock:
@@ -221,7 +234,6 @@ class DecodeEngine:
 
     def _accept(self, entry: Active, token: int) -> None:
         chunk = entry.text.push(token)
-        entry.next_token = token
         if chunk is None:
             return
         if chunk.final:
@@ -230,15 +242,11 @@ class DecodeEngine:
             self.sink(entry.rid, chunk, None)
 
     def _step(self) -> None:
-        batch = list(self.active.values())[: self.max_batch]
-        tokens = torch.tensor([e.next_token for e in batch], device=self.model.device)
-        logits = self.model.decode(tokens, [e.seq for e in batch], self.storage)
-        steps = [len(e.text.generated) for e in batch]
-        next_tokens = sample_tokens(logits, [e.params for e in batch], [e.config.seed for e in batch], steps,
-                                    [e.text.banned for e in batch])
+        rids = list(self.row_rids)
+        tokens = self.runner.step().tolist()  # the step's one wait for the device
         self.stats.steps += 1
-        for entry, token in zip(batch, next_tokens.tolist()):
-            self._accept(entry, int(token))
+        for rid, token in zip(rids, tokens):
+            self._accept(self.active[rid], int(token))
 
     def _record(self, entry: Active) -> None:
         now, n = time.time(), len(entry.text.generated)
@@ -249,8 +257,17 @@ class DecodeEngine:
     def _finish(self, rid: int, chunk: OutputChunk | None, error: EngineError | None) -> None:
         entry = self.active.pop(rid, None)
         if entry is not None:
+            if entry.row >= 0:
+                self._free_row(entry.row)
             self.cache.release(str(rid))
             self.stats.finished += 1
             self.stats.generation_tokens += len(entry.text.generated)
             self._record(entry)
         self.sink(rid, chunk, error)
+
+    def _free_row(self, row: int) -> None:
+        moved = self.runner.remove(row)
+        last = self.row_rids.pop()
+        if moved is not None:  # the last row's request now sits in the freed row
+            self.row_rids[row] = last
+            self.active[last].row = row

@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoint.loader import load_model
 from ..config import load_config
-from ..generate import prefill_prompt, resolve_seed, sample_tokens
+from ..generate import eos_ids_tensor, prefill_prompt, resolve_seed, sample_tokens
 from ..kv_cache.layout import BLOCK_TOKENS
 from ..kv_cache.manager import chain_hashes, snapshot_boundaries
 from ..kv_cache.paged_cache import PagedCache
@@ -67,7 +67,7 @@ class PrefillStage:
         self.cache = PagedCache.from_budget(self.model.cfg, dtype, device, cache_bytes, max_model_len,
                                             max_num_seqs=1, snapshots=snapshot_slots, kv_format=kv_format)
         self.snapshot_interval = snapshot_interval
-        self.eos = sorted(self.model.cfg.eos_token_ids)
+        self.eos = eos_ids_tensor(self.model.cfg.eos_token_ids, self.model.device)
         self.stats = PrefillStats()
         self._ids = 0
 
@@ -94,8 +94,7 @@ class PrefillStage:
                 if end < len(ids):
                     self.cache.save_snapshot(rid, hashes)
             self.cache.publish(rid, hashes)
-            banned = [self.eos] if config.min_tokens > 0 else None
-            token = int(sample_tokens(logits, [config.sampling()], [config.seed], [0], banned)[0])
+            token = int(sample_tokens(logits, [config.sampling()], [config.seed], [0], [config.min_tokens], self.eos)[0])
             header, payload = export_state(self.cache.storage, seq)
         finally:
             self.cache.release(rid)

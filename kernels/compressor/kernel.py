@@ -115,14 +115,19 @@ def compressor_kernel(
     stride_a, stride_z, stride_bias, rate, eps,
     D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, SCALE_BYTES: tl.constexpr, SS_P2: tl.constexpr,
     OVERLAP: tl.constexpr, ENTRY_FMT: tl.constexpr, HAS_HAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    DECODE: tl.constexpr,
 ):
     A: tl.constexpr = 2 if OVERLAP else 1
     i_r = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1)
     o_d = tl.arange(0, D)
     p0 = tl.load(pos0_ptr + i_r)
-    n_tok = tl.load(num_tok_ptr + i_r)
-    row0 = tl.load(tok_start_ptr + i_r)
+    if DECODE:  # one token per request, at row i_r of a and z
+        n_tok = 1
+        row0 = i_r
+    else:
+        n_tok = tl.load(num_tok_ptr + i_r)
+        row0 = tl.load(tok_start_ptr + i_r)
     p1 = p0 + n_tok
     cur = p0 // rate
     end = p1 // rate
@@ -209,13 +214,13 @@ def _launch(a, z, position_bias, norm_weight, rope_inv_freq, state, state_block,
     u8 = pool.dtype == torch.uint8
     compressor_kernel[(pos0.shape[0], 1 + num_mid)](
         a, z, position_bias, norm_weight, rope_inv_freq, hadamard if hadamard is not None else norm_weight,
-        state, state_block, pos0, tok_start, num_tok,
+        state, state_block, pos0, tok_start if tok_start is not None else pos0, num_tok if num_tok is not None else pos0,
         pool, pool.view(torch.bfloat16) if u8 else pool, pool.view(torch.float32) if u8 else pool,
         block_table, bt_stride, epp, page_bytes,
         a.stride(0), z.stride(0), position_bias.stride(0), rate, eps,
         D=d, NOPE=d - rope_dim, ROPE=rope_dim, SCALE_BYTES=scale_bytes, SS_P2=next_pow2(scale_bytes),
         OVERLAP=overlap, ENTRY_FMT=ENTRY_FORMATS[entry_format], HAS_HAD=hadamard is not None,
-        BLOCK_T=8 if overlap else 16, num_warps=4,
+        BLOCK_T=8 if overlap else 16, DECODE=tok_start is None, num_warps=4,
     )
 
 
@@ -270,9 +275,7 @@ def compressor_decode(
     assert block_table.dim() == 2 and block_table.shape[0] == b_size and block_table.stride(1) == 1
     if b_size == 0:
         return
-    tok_start = torch.arange(b_size, dtype=torch.int64, device=a.device)
-    num_tok = torch.ones(b_size, dtype=torch.int64, device=a.device)
-    _launch(a, z, position_bias, norm_weight, rope_inv_freq, state, state_block, positions, tok_start, num_tok,
+    _launch(a, z, position_bias, norm_weight, rope_inv_freq, state, state_block, positions, None, None,
             pool, block_table, block_table.stride(0), rate, eps, entry_format, hadamard, num_mid=0)
 
 

@@ -9,10 +9,14 @@ Pipeline per call (every launch has a fixed grid, so it can be captured in a CUD
 2. `indexer_radix_kernel` (levels 1, 2, 3): from the histograms so far every program finds the bin
    holding the k-th largest score (the prefix) and histograms the next 8 bits of the scores that
    share that prefix. A level whose bin is taken whole ends the search; later levels then do nothing.
-3. `indexer_select_kernel`: writes the indices of every score above the final prefix plus just enough
-   of those equal to it (ties), through two atomic counters; fills the rest of the row with -1.
+3. `indexer_count_kernel` counts, per tile of candidates, the scores above the final prefix and those
+   equal to it; `indexer_select_kernel` turns the counts into exclusive prefix sums and writes the
+   indices of every score above the prefix plus the lowest-indexed ties it needs, in index order;
+   the rest of the row is -1.
 
-So the scores are written once (4 B per candidate) and re-read from L2 once per level; no sort.
+So the scores are written once (4 B per candidate) and re-read from L2 once per level; no sort. Tile
+sizes are fixed by the candidate count alone and no output position comes from an atomic, so a
+query's selection (and its order) never depends on the batch it is in.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def radix_state(hist_ptr, need0, LEVELS: tl.constexpr):
 
 @triton.jit
 def indexer_score_kernel(
-    q_ptr, w_ptr, keys_ptr, keys_f32_ptr, block_table_ptr, bt_stride, num_visible_ptr,
+    q_ptr, w_ptr, w_scale, keys_ptr, keys_f32_ptr, block_table_ptr, bt_stride, num_visible_ptr,
     scores_ptr, hist_ptr, stride_qb, stride_qh, stride_wb, scores_stride, entries_per_page, page_bytes,
     N_HEADS: tl.constexpr, C: tl.constexpr, KEY_FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HI: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -92,7 +96,7 @@ def indexer_score_kernel(
     o_c = tl.arange(0, C)
     o_n = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + i_b * stride_qb + o_h[:, None] * stride_qh + o_c[None, :], mask=m_h[:, None], other=0.0).to(DTYPE)
-    w = tl.load(w_ptr + i_b * stride_wb + o_h, mask=m_h, other=0.0)
+    w = tl.load(w_ptr + i_b * stride_wb + o_h, mask=m_h, other=0.0).to(tl.float32) * w_scale
     o_bin = tl.arange(0, 256)
     hist = tl.zeros([256], dtype=tl.int32)
     for tile in range(i_p, tl.cdiv(n, BLOCK_N), n_prog):
@@ -141,17 +145,9 @@ def indexer_radix_kernel(
 
 
 @triton.jit
-def indexer_select_kernel(
-    scores_ptr, hist_ptr, num_visible_ptr, out_ptr, scores_stride, out_stride, topk,
-    BLOCK: tl.constexpr,
-):
-    i_b = tl.program_id(0).to(tl.int64)
-    i_p = tl.program_id(1)
-    n_prog = tl.num_programs(1)
-    n = tl.load(num_visible_ptr + i_b)
-    hist_b = hist_ptr + i_b * WS_STRIDE
-    select_all = n <= topk
-    need0 = tl.where(select_all, 0, topk)
+def final_prefix(hist_b, n, topk):
+    """(shift, prefix, ties needed) of one query after the radix levels."""
+    need0 = tl.where(n <= topk, 0, topk)
     # how many levels the search walked: it stops at the first level whose bin is taken whole
     prefix1, need1, live1 = radix_state(hist_b, need0, 1)
     prefix2, need2, live2 = radix_state(hist_b, need0, 2)
@@ -160,22 +156,63 @@ def indexer_select_kernel(
     shift = tl.where(live1, tl.where(live2, tl.where(live3, 0, 8), 16), 24)
     prefix = tl.where(live1, tl.where(live2, tl.where(live3, prefix4, prefix3), prefix2), prefix1).to(tl.uint32)
     need_eq = tl.where(live1, tl.where(live2, tl.where(live3, need4, need3), need2), need1)
+    return shift, prefix, need_eq
+
+
+@triton.jit
+def classify(scores_ptr, scores_stride, i_b, i, n, topk, shift, prefix):
+    """(above, tied) lanes of candidates i: above the final prefix (or everything), equal to it."""
+    m_i = i < n
+    key = order_key(tl.load(scores_ptr + i_b * scores_stride + i, mask=m_i, other=0.0))
+    top = key >> shift.to(tl.uint32)
+    all_v = (i * 0 + n) <= topk  # n <= topk as a vector (scalar-vector boolean ops trip the interpreter)
+    gt = m_i & ((top > prefix) | all_v)
+    eq = m_i & (top == prefix) & (~all_v)
+    return gt, eq
+
+
+@triton.jit
+def indexer_count_kernel(
+    scores_ptr, hist_ptr, num_visible_ptr, counts_ptr, scores_stride, topk,
+    BLOCK: tl.constexpr, TILES_P2: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(1)
+    n_prog = tl.num_programs(1)
+    n = tl.load(num_visible_ptr + i_b)
+    shift, prefix, need_eq = final_prefix(hist_ptr + i_b * WS_STRIDE, n, topk)
     o = tl.arange(0, BLOCK)
-    all_v = (o * 0 + n) <= topk  # select_all as a vector (scalar-vector boolean ops trip the interpreter)
     for tile in range(i_p, tl.cdiv(n, BLOCK), n_prog):
+        gt, eq = classify(scores_ptr, scores_stride, i_b, tile * BLOCK + o, n, topk, shift, prefix)
+        tl.store(counts_ptr + (i_b * 2 * TILES_P2) + tile, tl.sum(gt.to(tl.int32), 0))
+        tl.store(counts_ptr + (i_b * 2 * TILES_P2) + TILES_P2 + tile, tl.sum(eq.to(tl.int32), 0))
+
+
+@triton.jit
+def indexer_select_kernel(
+    scores_ptr, hist_ptr, num_visible_ptr, counts_ptr, out_ptr, scores_stride, out_stride, topk,
+    BLOCK: tl.constexpr, TILES_P2: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(1)
+    n_prog = tl.num_programs(1)
+    n = tl.load(num_visible_ptr + i_b)
+    shift, prefix, need_eq = final_prefix(hist_ptr + i_b * WS_STRIDE, n, topk)
+    n_tiles = tl.cdiv(n, BLOCK)
+    o_t = tl.arange(0, TILES_P2)
+    m_t = o_t < n_tiles
+    gt_counts = tl.load(counts_ptr + i_b * 2 * TILES_P2 + o_t, mask=m_t, other=0)
+    eq_counts = tl.load(counts_ptr + i_b * 2 * TILES_P2 + TILES_P2 + o_t, mask=m_t, other=0)
+    eq_before = tl.cumsum(eq_counts, 0) - eq_counts
+    taken = gt_counts + tl.minimum(tl.maximum(need_eq - eq_before, 0), eq_counts)  # per tile
+    o = tl.arange(0, BLOCK)
+    for tile in range(i_p, n_tiles, n_prog):
         i = tile * BLOCK + o
-        m_i = i < n
-        key = order_key(tl.load(scores_ptr + i_b * scores_stride + i, mask=m_i, other=0.0))
-        top = key >> shift.to(tl.uint32)
-        gt = m_i & ((top > prefix) | all_v)
-        eq = m_i & (top == prefix) & (~all_v)
-        n_eq = tl.sum(eq.to(tl.int32), 0)
-        eq_base = tl.atomic_add(hist_b + 4 * 256 + 1, n_eq)
-        eq_rank = eq_base + tl.cumsum(eq.to(tl.int32), 0) - 1
+        gt, eq = classify(scores_ptr, scores_stride, i_b, i, n, topk, shift, prefix)
+        ties_before = tl.sum(tl.where(o_t < tile, eq_counts, 0), 0)
+        eq_rank = ties_before + tl.cumsum(eq.to(tl.int32), 0) - 1
         take = gt | (eq & (eq_rank < need_eq))
-        n_take = tl.sum(take.to(tl.int32), 0)
-        base = tl.atomic_add(hist_b + 4 * 256, n_take)
-        pos = base + tl.cumsum(take.to(tl.int32), 0) - 1
+        pos = tl.sum(tl.where(o_t < tile, taken, 0), 0) + tl.cumsum(take.to(tl.int32), 0) - 1
         tl.store(out_ptr + i_b * out_stride + pos, i.to(tl.int32), mask=take)
     # the tail past min(topk, n) holds -1
     kept = tl.minimum(n, topk)
@@ -203,6 +240,7 @@ def indexer_topk(
     q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_table: torch.Tensor, bt_stride: int,
     num_visible: torch.Tensor, topk: int, max_visible: int, key_format: str | None,
     out: torch.Tensor | None = None, scores: torch.Tensor | None = None, launch: tuple[int, int] | None = None,
+    w_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared launcher (arguments validated by the public wrappers). Returns (topk_idx, scores)."""
     n_q, n_heads, c = q.shape
@@ -216,19 +254,18 @@ def indexer_topk(
     assert scores.shape[0] == n_q and scores.shape[1] >= cap and scores.stride(1) == 1
     if n_q == 0 or topk == 0:
         return out, scores
-    # one zeroed workspace row per query: 4 x 256 histogram bins, then the two selection counters
+    # one zeroed workspace row per query: 4 x 256 histogram bins, then two spare counters
     ws = torch.zeros(n_q, WS_INTS, dtype=torch.int32, device=q.device)
     dtype = dot_dtype(q.dtype)
     on_gpu = q.device.type == "cuda"
-    # H200 measurements: 128-key tiles win for a few long queries (batch 1, 256K candidates: 66 vs 76 us),
-    # 64-key tiles once the batch fills the GPU (batch 128: 5.6 vs 5.9 ms at 1M context)
-    default = ((128, 4) if n_q < 64 else (64, 4)) if on_gpu else (16, 1)
-    block_n, score_warps = launch or default
+    # fixed, not chosen by the batch: a query's scores must not depend on what shares its launch
+    # (H200: 128-key tiles 66 us at batch 1 over 256K candidates, 64-key tiles 76 us)
+    block_n, score_warps = launch or ((128, 4) if on_gpu else (16, 1))
     sms = num_sms(q.device)
     score_progs = max(1, min(cdiv(cap, block_n), cdiv(2 * sms, n_q)))
     keys_f32 = keys.view(torch.float32) if key_fmt == 1 else keys
     indexer_score_kernel[(n_q, score_progs)](
-        q, w, keys, keys_f32, block_table, bt_stride, num_visible,
+        q, w, w_scale, keys, keys_f32, block_table, bt_stride, num_visible,
         scores, ws, q.stride(0), q.stride(1), w.stride(0), scores.stride(0), epp, page_bytes,
         N_HEADS=n_heads, C=c, KEY_FMT=key_fmt, BLOCK_N=block_n, BLOCK_HI=max(16, next_pow2(n_heads)),
         DTYPE=dtype, DOT_PRECISION="ieee" if dtype == tl.float32 else "tf32",
@@ -240,15 +277,21 @@ def indexer_topk(
         indexer_radix_kernel[(n_q, sel_progs)](
             scores, ws, num_visible, scores.stride(0), topk, LEVEL=level, BLOCK=block, num_warps=4,
         )
+    tiles_p2 = next_pow2(cdiv(cap, block))
+    counts = torch.empty(n_q, 2, tiles_p2, dtype=torch.int32, device=q.device)
+    indexer_count_kernel[(n_q, sel_progs)](
+        scores, ws, num_visible, counts, scores.stride(0), topk, BLOCK=block, TILES_P2=tiles_p2, num_warps=4,
+    )
     indexer_select_kernel[(n_q, sel_progs)](
-        scores, ws, num_visible, out, scores.stride(0), out.stride(0), topk, BLOCK=block, num_warps=4,
+        scores, ws, num_visible, counts, out, scores.stride(0), out.stride(0), topk, BLOCK=block, TILES_P2=tiles_p2,
+        num_warps=4,
     )
     return out, scores
 
 
 def _check_common(q: torch.Tensor, w: torch.Tensor, topk: int) -> None:
     check_dtype("q", q, torch.float32, torch.bfloat16)
-    check_dtype("w", w, torch.float32)
+    check_dtype("w", w, torch.float32, torch.bfloat16)
     assert q.dim() == 3 and q.stride(2) == 1, f"q must be [*, n_I, c_I] with contiguous rows, got {tuple(q.shape)}"
     assert w.shape == q.shape[:2] and w.stride(1) == 1
     c = q.shape[2]
@@ -268,12 +311,13 @@ def indexer_topk_decode(
     out: torch.Tensor | None = None,
     return_scores: bool = False,
     launch: tuple[int, int] | None = None,
+    w_scale: float = 1.0,
 ):
     """Lightning-Indexer top-k for one query token per request.
 
     Args:
         q: `[B, n_I, c_I]` float32 or bfloat16 index queries (rows contiguous; rotated like the keys).
-        w: `[B, n_I]` float32 head weights, already scaled.
+        w: `[B, n_I]` float32/bfloat16 head weights (rows may be strided), multiplied by `w_scale` in float32.
         keys: index-key pool `[num_blocks, E, c_I]` float32/bfloat16, or uint8 pages `[num_blocks, E * entry_bytes]`
             in `key_format` 'fp8' (132 B for c_I 128) or 'fp4' (68 B), plane layout of `kv_format`.
         block_table: `[B, max_blocks]` int32; entry i of request b is row `i % E` of block `block_table[b, i // E]`.
@@ -285,7 +329,8 @@ def indexer_topk_decode(
 
     Returns:
         `[B, K]` int32: the indices of the min(K, num_visible) largest scores
-        `sum_h w_h * relu(q_h . k_i)` in no particular order, then -1. (And the scores if asked.)
+        `sum_h w_h * relu(q_h . k_i)` in increasing order (ties at the k-th score go to the lowest
+        indices), then -1. (And the scores if asked.)
     """
     _check_common(q, w, topk)
     b_size = q.shape[0]
@@ -296,7 +341,7 @@ def indexer_topk_decode(
     check_contiguous(num_visible=num_visible)
     _, epp, _ = _key_geometry(keys, q.shape[2], key_format)
     idx, scores = indexer_topk(q, w, keys, block_table, block_table.stride(0), num_visible, topk,
-                               block_table.shape[1] * epp, key_format, out=out, launch=launch)
+                               block_table.shape[1] * epp, key_format, out=out, launch=launch, w_scale=w_scale)
     return (idx, scores) if return_scores else idx
 
 
@@ -312,12 +357,13 @@ def indexer_topk_prefill(
     key_format: str | None = None,
     out: torch.Tensor | None = None,
     query_chunk: int | None = None,
+    w_scale: float = 1.0,
 ):
     """Lightning-Indexer top-k for S consecutive query tokens of one request.
 
     Args:
         q: `[S, n_I, c_I]` float32/bfloat16, queries at positions start_pos .. start_pos + S - 1.
-        w: `[S, n_I]` float32 head weights.
+        w: `[S, n_I]` float32/bfloat16 head weights (times `w_scale`).
         keys, key_format: as in `indexer_topk_decode`.
         block_table: `[max_blocks]` int32, the request's index-key blocks.
         start_pos: position of q[0]; query at t sees entries i < (t + 1) // rate.
@@ -345,7 +391,7 @@ def indexer_topk_prefill(
     for s0 in range(0, s_len, query_chunk):
         s1 = min(s_len, s0 + query_chunk)
         indexer_topk(q[s0:s1], w[s0:s1], keys, table, 0, visible[s0:s1], topk,
-                     min(max_visible, block_table.shape[0] * epp), key_format, out=out[s0:s1])
+                     min(max_visible, block_table.shape[0] * epp), key_format, out=out[s0:s1], w_scale=w_scale)
     return out
 
 

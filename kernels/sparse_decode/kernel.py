@@ -4,8 +4,11 @@ One program owns one query token and a block of `BLOCK_H` heads: the q tile `[BL
 on chip, every key tile `[BLOCK_N, D]` is loaded (and FP8-dequantized) once and used by all heads
 for both products (K = V). Keys are a virtual list per query: `window` ring positions
 `t - window + 1 .. t` first, then the compressed entries (the CSA top-k list, or all `num_comp`
-visible entries for HCA). Long lists are split over `num_splits` programs (split-K); a combine
-kernel then merges the partial softmax states. Without a split the program finishes in place.
+visible entries for HCA). Long lists are split over programs (split-K); a combine kernel then
+merges the partial softmax states in split order. A query's split boundaries follow from its own
+key count alone (`split_plan`), never from the batch, so its result is the same bits in any batch;
+a single split is bit-identical to finishing in place, which the program does when no query of
+the launch can need a second split.
 
 `sparse_prefill` drives the same kernel with one "request" per query token (its window rows come
 from a contiguous tensor instead of a ring).
@@ -17,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import cdiv, check_contiguous, check_dtype, dot_dtype, next_pow2, num_sms
+from ..common import cdiv, check_contiguous, check_dtype, dot_dtype, next_pow2
 from ..kv_format.kernel import load_main_fp8
 from ..kv_format.layout import MainLayout
 
@@ -80,7 +83,7 @@ def sparse_attn_fwd_kernel(
     pos_ptr, sink_ptr, inv_freq_ptr,
     win_ptr, win_bf16_ptr, win_page_ptr, win_origin, win_rows, window,
     comp_ptr, comp_bf16_ptr, block_table_ptr, bt_stride, num_comp_ptr, topk_ptr, topk_stride, num_topk, comp_rows,
-    num_heads, qk_scale, keys_per_split, num_splits,
+    num_heads, qk_scale, min_split_keys, max_splits, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, SCALE_BYTES: tl.constexpr,
     WIN_FP8: tl.constexpr, COMP_FP8: tl.constexpr, HAS_COMP: tl.constexpr, HAS_TOPK: tl.constexpr,
@@ -93,20 +96,51 @@ def sparse_attn_fwd_kernel(
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = o_h < num_heads
     o_d = tl.arange(0, D)
-    o_n = tl.arange(0, BLOCK_N)
 
     t = tl.load(pos_ptr + i_b).to(tl.int64)
     q = tl.load(q_ptr + i_b * stride_qb + o_h[:, None].to(tl.int64) * stride_qh + o_d[None, :], mask=m_h[:, None], other=0.0)
     q = q.to(DTYPE)
 
     n_comp = 0
+    n_visible = 0
     if HAS_COMP:
-        if HAS_TOPK:
-            n_comp = num_topk
-        else:
-            n_comp = tl.load(num_comp_ptr + i_b)
         n_visible = tl.load(num_comp_ptr + i_b)
+        n_comp = num_topk if HAS_TOPK else n_visible
     n_keys = window + n_comp
+    keys_per_split, n_split = split_plan(n_keys, min_split_keys, max_splits, BLOCK_N)
+    if i_s < n_split:
+        sparse_attn_split(
+            q, o_h, m_h, t, i_b, i_s, o_ptr, acc_ws_ptr, ml_ws_ptr, sink_ptr, inv_freq_ptr,
+            win_ptr, win_bf16_ptr, win_page_ptr, win_origin, win_rows, window,
+            comp_ptr, comp_bf16_ptr, block_table_ptr, bt_stride, topk_ptr, topk_stride, comp_rows,
+            n_visible, n_keys, keys_per_split, num_splits, num_heads, qk_scale, stride_ob, stride_oh,
+            D, NOPE, ROPE, SCALE_BYTES, WIN_FP8, COMP_FP8, HAS_COMP, HAS_TOPK, SPLIT, BLOCK_H, BLOCK_N, DTYPE,
+            DOT_PRECISION,
+        )
+
+
+@triton.jit
+def split_plan(n_keys, min_split_keys, max_splits, BLOCK_N: tl.constexpr):
+    """(keys per split, splits) of one query: at most max_splits, each >= min_split_keys, in whole tiles."""
+    per = tl.cdiv(tl.cdiv(n_keys, max_splits), BLOCK_N) * BLOCK_N
+    per = tl.maximum(per, min_split_keys)
+    return per, tl.cdiv(n_keys, per)
+
+
+@triton.jit
+def sparse_attn_split(
+    q, o_h, m_h, t, i_b, i_s, o_ptr, acc_ws_ptr, ml_ws_ptr, sink_ptr, inv_freq_ptr,
+    win_ptr, win_bf16_ptr, win_page_ptr, win_origin, win_rows, window,
+    comp_ptr, comp_bf16_ptr, block_table_ptr, bt_stride, topk_ptr, topk_stride, comp_rows,
+    n_visible, n_keys, keys_per_split, num_splits, num_heads, qk_scale, stride_ob, stride_oh,
+    D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, SCALE_BYTES: tl.constexpr,
+    WIN_FP8: tl.constexpr, COMP_FP8: tl.constexpr, HAS_COMP: tl.constexpr, HAS_TOPK: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One split [j0, j1) of one query's virtual key list, then its partial state or the finished output."""
+    o_d = tl.arange(0, D)
+    o_n = tl.arange(0, BLOCK_N)
     j0 = i_s * keys_per_split
     j1 = tl.minimum(j0 + keys_per_split, n_keys)
 
@@ -160,19 +194,24 @@ def sparse_attn_fwd_kernel(
 
 @triton.jit
 def sparse_attn_combine_kernel(
-    o_ptr, acc_ws_ptr, ml_ws_ptr, pos_ptr, sink_ptr, inv_freq_ptr,
-    num_heads, num_splits, stride_ob, stride_oh,
-    D: tl.constexpr, NOPE: tl.constexpr, BLOCK_H: tl.constexpr,
+    o_ptr, acc_ws_ptr, ml_ws_ptr, pos_ptr, sink_ptr, inv_freq_ptr, num_comp_ptr, num_topk, window,
+    num_heads, min_split_keys, max_splits, num_splits, stride_ob, stride_oh,
+    D: tl.constexpr, NOPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_COMP: tl.constexpr, HAS_TOPK: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_hb = tl.program_id(1)
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = o_h < num_heads
     o_d = tl.arange(0, D)
+    n_comp = 0
+    if HAS_COMP:
+        n_comp = num_topk if HAS_TOPK else tl.load(num_comp_ptr + i_b)
+    _, n_split = split_plan(window + n_comp, min_split_keys, max_splits, BLOCK_N)
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
-    for i_s in range(0, num_splits):
+    for i_s in range(0, n_split):
         ws = (i_b * num_splits + i_s) * num_heads + o_h.to(tl.int64)
         m_s = tl.load(ml_ws_ptr + ws * 2, mask=m_h, other=-1.0e30)
         l_s = tl.load(ml_ws_ptr + ws * 2 + 1, mask=m_h, other=0.0)
@@ -220,20 +259,18 @@ def launch_config(device: torch.device, head_dim: int, num_heads: int) -> tuple[
     return block_h, 32, 4, 2
 
 
-def choose_num_splits(device: torch.device, num_programs: int, max_keys: int, block_n: int) -> int:
-    """Split-K factor: enough programs to fill the GPU once, at least two key blocks per split."""
-    sms = num_sms(device)
-    if num_programs >= sms:
-        return 1
-    return max(1, min(cdiv(sms, num_programs), cdiv(cdiv(max_keys, block_n), 2)))
+# decode splits: a query's split count follows from its own key count (batch invariance). 128 keys a
+# split fills the GPU at batch 1 (640 CSA keys: 5 splits) without flooding the workspace at batch 128
+DECODE_SPLIT_KEYS = 128
+DECODE_MAX_SPLITS = 8
 
 
 def sparse_attention(
     q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, softmax_scale: float, rope_inv_freq: torch.Tensor,
     win: torch.Tensor, win_page: torch.Tensor, win_origin: int, window: int,
     comp: torch.Tensor | None, block_table: torch.Tensor | None, bt_stride: int, num_comp: torch.Tensor | None,
-    topk_idx: torch.Tensor | None, max_comp_keys: int, out: torch.Tensor | None, num_splits: int | None,
-    launch: tuple[int, int, int, int] | None = None,
+    topk_idx: torch.Tensor | None, max_comp_keys: int, out: torch.Tensor | None, max_splits: int,
+    launch: tuple[int, int, int, int] | None = None, min_split_keys: int = DECODE_SPLIT_KEYS,
 ) -> torch.Tensor:
     """Shared launcher of `sparse_decode` and `sparse_prefill` (arguments already validated by them)."""
     n_q, num_heads, d = q.shape
@@ -246,15 +283,15 @@ def sparse_attention(
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1
+    assert max_splits >= 1 and min_split_keys >= 1
     if n_q == 0:
         return out
     block_h, block_n, num_warps, num_stages = launch or launch_config(q.device, d, num_heads)
     head_blocks = cdiv(num_heads, block_h)
     max_keys = window + (max_comp_keys if has_comp else 0)
-    if num_splits is None:
-        num_splits = choose_num_splits(q.device, n_q * head_blocks, max_keys, block_n)
-    keys_per_split = cdiv(cdiv(max_keys, num_splits), block_n) * block_n
-    num_splits = cdiv(max_keys, keys_per_split)
+    min_split_keys = cdiv(min_split_keys, block_n) * block_n
+    # the most splits any query of this launch can have (queries with fewer skip the rest)
+    num_splits = min(max_splits, cdiv(max_keys, min_split_keys))
     split = num_splits > 1
     if split:
         acc_ws = torch.empty(n_q, num_splits, num_heads, d, dtype=torch.float32, device=q.device)
@@ -263,6 +300,7 @@ def sparse_attention(
         acc_ws = ml_ws = out  # unused
     dtype = dot_dtype(q.dtype)
     dummy = win_page
+    num_topk = topk_idx.shape[1] if topk_idx is not None else 0
     sparse_attn_fwd_kernel[(n_q, head_blocks, num_splits)](
         q, out, acc_ws, ml_ws,
         positions, sink, rope_inv_freq,
@@ -270,8 +308,8 @@ def sparse_attention(
         comp if has_comp else dummy, _bf16_view(comp) if has_comp else dummy,
         block_table if has_comp else dummy, bt_stride, num_comp if has_comp else dummy,
         topk_idx if topk_idx is not None else dummy, topk_idx.stride(0) if topk_idx is not None else 0,
-        topk_idx.shape[1] if topk_idx is not None else 0, comp_rows,
-        num_heads, softmax_scale * LOG2E, keys_per_split, num_splits,
+        num_topk, comp_rows,
+        num_heads, softmax_scale * LOG2E, min_split_keys, max_splits, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         D=d, NOPE=lay.nope_dim, ROPE=rope_dim, SCALE_BYTES=lay.scale_bytes,
         WIN_FP8=win_fp8, COMP_FP8=comp_fp8, HAS_COMP=has_comp, HAS_TOPK=topk_idx is not None,
@@ -282,8 +320,10 @@ def sparse_attention(
     if split:
         combine_h = 16
         sparse_attn_combine_kernel[(n_q, cdiv(num_heads, combine_h))](
-            out, acc_ws, ml_ws, positions, sink, rope_inv_freq, num_heads, num_splits, out.stride(0), out.stride(1),
-            D=d, NOPE=lay.nope_dim, BLOCK_H=combine_h, num_warps=4,
+            out, acc_ws, ml_ws, positions, sink, rope_inv_freq, num_comp if has_comp else dummy, num_topk, window,
+            num_heads, min_split_keys, max_splits, num_splits, out.stride(0), out.stride(1),
+            D=d, NOPE=lay.nope_dim, BLOCK_H=combine_h, BLOCK_N=block_n, HAS_COMP=has_comp,
+            HAS_TOPK=topk_idx is not None, num_warps=4,
         )
     return out
 
@@ -302,7 +342,8 @@ def sparse_decode(
     rope_inv_freq: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
-    num_splits: int | None = None,
+    max_splits: int = DECODE_MAX_SPLITS,
+    min_split_keys: int = DECODE_SPLIT_KEYS,
     launch: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Sparse decode attention: one query token per request over its window ring + compressed entries.
@@ -323,7 +364,8 @@ def sparse_decode(
         softmax_scale: logit scale (V4: D^-1/2).
         rope_inv_freq: `[R/2]` float32; the output's last R dims (interleaved pairs) are rotated by -t * inv_freq.
         out: optional `[B, H, D]` output buffer (q's dtype).
-        num_splits: force the split-K factor (default: from the GPU size).
+        max_splits, min_split_keys: split-K plan; a query with n keys gets min(max_splits, ...) splits of at
+            least min_split_keys keys (whole key tiles), fixed by n alone so results are batch-invariant.
         launch: (BLOCK_H, BLOCK_N, num_warps, num_stages) instead of the default for this GPU (tuning).
 
     Returns:
@@ -360,7 +402,7 @@ def sparse_decode(
         assert topk_idx is None, "topk_idx without a compressed pool"
     return sparse_attention(
         q, positions, sink, softmax_scale, rope_inv_freq, ring, ring_block, 0, window,
-        comp, block_table, bt_stride, num_comp, topk_idx, max_comp_keys, out, num_splits, launch,
+        comp, block_table, bt_stride, num_comp, topk_idx, max_comp_keys, out, max_splits, launch, min_split_keys,
     )
 
 

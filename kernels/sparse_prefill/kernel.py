@@ -29,7 +29,8 @@ def sparse_prefill(
     rope_inv_freq: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
-    num_splits: int | None = None,
+    max_splits: int = 1,
+    min_split_keys: int = 128,
 ) -> torch.Tensor:
     """Sparse attention for the S prompt tokens at positions start_pos .. start_pos + S - 1 of one request.
 
@@ -46,7 +47,8 @@ def sparse_prefill(
         topk_idx: `[S, K]` int32 per-query entry indices (CSA; -1 skipped) or None (HCA: all visible entries).
         rate: compression rate; query t sees compressed entries i < (t + 1) // rate.
         sink: `[H]` float32.  softmax_scale: logit scale.  rope_inv_freq: `[R/2]` float32 (inverse RoPE at t).
-        out: optional `[S, H, D]` output (q's dtype).  num_splits: force the split-K factor.
+        out: optional `[S, H, D]` output (q's dtype).
+        max_splits, min_split_keys: split-K plan per query (as in `sparse_decode`; S queries fill the GPU).
 
     Returns:
         `[S, H, D]` in q's dtype.
@@ -81,7 +83,7 @@ def sparse_prefill(
         assert topk_idx is None
     return sparse_attention(
         q, positions, sink, softmax_scale, rope_inv_freq, win, win_page, start_pos - hist, window,
-        comp, block_table, 0, num_comp, topk_idx, max_comp_keys, out, num_splits,
+        comp, block_table, 0, num_comp, topk_idx, max_comp_keys, out, max_splits, min_split_keys=min_split_keys,
     )
 
 

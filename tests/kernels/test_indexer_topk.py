@@ -139,3 +139,34 @@ def test_indexer_topk_prefill(fmt, q_dtype):
     _, ref_scores = indexer_topk_prefill_ref(q.cpu(), w.cpu(), pool.cpu(), table.cpu(), start, k, rate, key_format)
     for s in range(s_len):
         check_topk_row(out[s].cpu(), ref_scores[s], k, f"prefill query {s}")
+
+
+def test_indexer_topk_is_ordered_batch_invariant_and_breaks_ties_low():
+    """Picks come in increasing index order, ties at the k-th score go to the lowest indices, and a
+    query's picks are the same alone, in a batch or in another row (no atomics decide anything)."""
+    n, k = (5000, 512) if REAL_SHAPES else (400, 40)
+    g = make_generator(31)
+
+    def values_fn(pool_blocks: int) -> torch.Tensor:
+        values = torch.zeros(pool_blocks * ENTRIES, DIM)
+        strong = torch.rand(pool_blocks * ENTRIES, generator=g) < 0.05  # the rest score exactly 0: ties
+        values[strong] = torch.randn(int(strong.sum()), DIM, generator=g)
+        return values.view(pool_blocks, ENTRIES, DIM)
+
+    kw = make_decode_case("fp8", torch.bfloat16, [n, n // 2 + 3, n], 32, values_fn=values_fn)
+    kw["w"] = kw["w"].abs()
+    full, scores = indexer_topk_decode(**kw, topk=k, return_scores=True)
+    _, ref_scores = indexer_topk_decode_ref(**_host(kw), topk=k)
+    for b in range(3):
+        row = full[b].cpu()
+        valid = row[row >= 0]
+        assert torch.equal(valid, valid.sort().values), f"row {b}: picks not in increasing order"
+        check_topk_row(row, ref_scores[b], k, f"row {b}")
+        s = scores[b, : int(kw["num_visible"][b])].cpu()
+        kth = s[valid.long()].min()
+        tied = (s == kth).nonzero().flatten()
+        taken = set(valid.tolist())
+        needed = sum(1 for i in tied.tolist() if i in taken)
+        assert set(tied[:needed].tolist()) <= taken, f"row {b}: ties not broken towards low indices"
+        single = {key: (v[b : b + 1] if key in ("q", "w", "block_table", "num_visible") else v) for key, v in kw.items()}
+        assert torch.equal(indexer_topk_decode(**single, topk=k)[0], full[b]), f"row {b} differs alone"

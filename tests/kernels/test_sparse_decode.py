@@ -126,10 +126,33 @@ def test_sparse_decode(shape, fmt, q_dtype, mode):
     seed = zlib.crc32(f"{mode}/{fmt}/{q_dtype}/{shape.heads}".encode())
     kw = make_case(shape, mode, fmt, q_dtype, LENGTHS, seed)
     ref = _ref(kw)
-    for num_splits in (None, 1, 3):
+    for max_splits, split_keys in ((None, None), (1, 16), (3, 16), (8, 32)):
+        plan = {} if max_splits is None else dict(max_splits=max_splits, min_split_keys=split_keys)
         out = poison_like(kw["q"].shape, q_dtype)
-        sparse_decode(**kw, out=out, num_splits=num_splits)
-        assert_close(out, ref, q_dtype, f"{mode}/{fmt}/splits={num_splits}")
+        sparse_decode(**kw, out=out, **plan)
+        assert_close(out, ref, q_dtype, f"{mode}/{fmt}/splits={max_splits}x{split_keys}")
+
+
+def _rows(kw: dict, rows: list[int]) -> dict:
+    """The same requests as a smaller batch (rows picked and reordered); pools shared."""
+    idx = torch.tensor(rows, device=DEVICE)
+    per_row = ("q", "positions", "ring_block", "block_table", "num_comp", "topk_idx")
+    return {k: (v[idx] if k in per_row and v is not None else v) for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("mode", ["csa", "hca"])
+def test_sparse_decode_is_batch_invariant(mode):
+    """A request's output is the same bits alone, in a batch, at any row (split boundaries are its own)."""
+    shape = SMALL if not REAL_SHAPES else FLASH
+    kw = make_case(shape, mode, "fp8", torch.bfloat16, LENGTHS, seed=17)
+    plan = dict(max_splits=4, min_split_keys=16)
+    full = sparse_decode(**kw, **plan)
+    n = kw["q"].shape[0]
+    for b in range(n):
+        alone = sparse_decode(**_rows(kw, [b]), **plan)
+        assert torch.equal(alone[0], full[b]), f"row {b} alone differs from row {b} in the batch"
+    order = list(reversed(range(n)))
+    assert torch.equal(sparse_decode(**_rows(kw, order), **plan), full[torch.tensor(order, device=DEVICE)])
 
 
 def test_sink_only_enlarges_the_denominator():

@@ -71,7 +71,7 @@ def test_sparse_prefill(shape, fmt, q_dtype, mode):
     for start, s_len, hist in CHUNKS:
         kw = make_case(shape, mode, fmt, q_dtype, start, s_len, hist, g)
         ref = sparse_prefill_ref(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
-        for num_splits in (None, 2):
+        for max_splits in (1, 2):
             out = poison_like(kw["q"].shape, q_dtype)
-            sparse_prefill(**kw, out=out, num_splits=num_splits)
-            assert_close(out, ref, q_dtype, f"{mode}/{fmt} start={start} S={s_len} splits={num_splits}")
+            sparse_prefill(**kw, out=out, max_splits=max_splits, min_split_keys=16)
+            assert_close(out, ref, q_dtype, f"{mode}/{fmt} start={start} S={s_len} splits={max_splits}")

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dsv4.backend.sampler import SamplingParams, make_generator, sample
+from dsv4.backend.sampler import SamplingParams, SamplingRows, sample
+from dsv4.kernels.sampling import reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GREEDY = SamplingParams(temperature=0.0)
@@ -15,11 +16,18 @@ def _logits(batch: int, vocab: int, seed: int, device: str = "cpu") -> torch.Ten
     return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)).mul_(3).to(device)
 
 
+def _rows(params: list[SamplingParams], device: str, seeds: list[int] | None = None, steps: list[int] | None = None,
+          min_tokens: list[int] | None = None) -> SamplingRows:
+    n = len(params)
+    seeds = seeds if seeds is not None else [p.seed if p.seed is not None else row for row, p in enumerate(params)]
+    return SamplingRows.build(params, seeds, steps or [0] * n, min_tokens, device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch, vocab", [(1, 7), (5, 1000), (3, 129280)], ids=["b1-v7", "b5-v1000", "b3-v129280"])
 def test_greedy_is_argmax(device: str, batch: int, vocab: int) -> None:
     logits = _logits(batch, vocab, seed=batch, device=device)
-    out = sample(logits, [GREEDY] * batch, [None] * batch)
+    out = sample(logits, _rows([GREEDY] * batch, device))
     assert out.dtype == torch.int64 and out.device.type == device
     assert torch.equal(out, logits.argmax(dim=-1))
 
@@ -32,21 +40,21 @@ def test_greedy_is_argmax(device: str, batch: int, vocab: int) -> None:
 )
 def test_degenerate_sampling_is_greedy(device: str, params: SamplingParams) -> None:
     logits = _logits(8, 5000, seed=1, device=device)
-    generators = [make_generator(row, device) for row in range(8)]
-    for _ in range(5):
-        assert torch.equal(sample(logits, [params] * 8, generators), logits.argmax(dim=-1))
+    for step in range(5):
+        rows = _rows([params] * 8, device, seeds=list(range(8)), steps=[step] * 8)
+        assert torch.equal(sample(logits, rows), logits.argmax(dim=-1))
 
 
 def _run_request(params: SamplingParams, position: int, companions: list[SamplingParams], device: str) -> list[int]:
     """Tokens of one seeded request over several steps while sharing the batch with `companions`."""
     rows = companions[:position] + [params] + companions[position:]
-    generators = [make_generator(p.seed, device) for p in rows]
     tokens = []
     for step in range(12):
         logits = _logits(len(rows), 512, seed=1000 + step + 7 * len(rows), device=device)
         # the request's own row sees the same logits in every layout
         logits[position] = _logits(1, 512, seed=step, device=device)[0]
-        tokens.append(int(sample(logits, rows, generators)[position]))
+        seeds = [p.seed if p.seed is not None else 99 + i for i, p in enumerate(rows)]
+        tokens.append(int(sample(logits, _rows(rows, device, seeds=seeds, steps=[step] * len(rows)))[position]))
     return tokens
 
 
@@ -60,22 +68,34 @@ def test_seed_reproducible_across_batch_layouts(device: str) -> None:
     assert _run_request(request, 0, companions[1:2], device) == alone
 
 
-def test_different_seeds_differ() -> None:
+def test_different_seeds_and_steps_differ() -> None:
     logits = torch.zeros(1, 1000)
-    runs = []
-    for seed in (1, 2):
-        generator = make_generator(seed, "cpu")
-        runs.append([int(sample(logits, [SamplingParams(seed=seed)], [generator])) for _ in range(20)])
+    runs = [[int(sample(logits, _rows([SamplingParams(seed=seed)], "cpu", steps=[step]))) for step in range(20)]
+            for seed in (1, 2)]
     # uniform over 1000 tokens: 20 draws from two seeds agree everywhere with probability 1e-60
     assert runs[0] != runs[1]
     assert len(set(runs[0])) > 10
+    # 64-bit seeds: the high half matters too
+    high = [int(sample(logits, _rows([SamplingParams(seed=1 + (5 << 32))], "cpu", steps=[step]))) for step in range(20)]
+    assert high != runs[0]
 
 
-def test_greedy_rows_consume_no_randomness() -> None:
-    generator = make_generator(5, "cpu")
-    state = generator.get_state()
-    sample(_logits(2, 50, seed=0), [GREEDY, GREEDY], [generator, generator])
-    assert torch.equal(generator.get_state(), state)
+def test_noise_is_uniform_and_never_degenerate() -> None:
+    keys = reference.row_keys(torch.arange(64), torch.zeros(64, dtype=torch.int64), torch.arange(64))
+    u = reference.uniform_noise(keys, 4096)
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    # neighbouring tokens and rows are uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1])) < 0.01
+
+
+def test_min_tokens_bans_eos_until_reached() -> None:
+    logits = torch.full((3, 10), -5.0)
+    logits[:, 1] = 10.0  # EOS is everyone's favourite
+    banned = torch.tensor([1], dtype=torch.int32)
+    rows = _rows([GREEDY, GREEDY, SamplingParams(seed=3)], "cpu", steps=[0, 4, 1], min_tokens=[2, 2, 5])
+    out = sample(logits, rows, banned)
+    assert out[0] != 1 and out[1] == 1 and out[2] != 1
 
 
 def _expected_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -103,8 +123,9 @@ def _expected_distribution(logits: torch.Tensor, params: SamplingParams) -> torc
 def test_empirical_distribution_matches(params: SamplingParams) -> None:
     num_samples = 20000
     row = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0])
-    generator = make_generator(2024, "cpu")
-    out = sample(row.expand(num_samples, -1).contiguous(), [params] * num_samples, [generator] * num_samples)
+    # one request's consecutive steps, as a decode would draw them
+    rows = _rows([params] * num_samples, "cpu", seeds=[2024] * num_samples, steps=list(range(num_samples)))
+    out = sample(row.expand(num_samples, -1).contiguous(), rows)
     observed = torch.bincount(out, minlength=row.numel()).double()
     expected = _expected_distribution(row, params) * num_samples
     assert torch.all(observed[expected == 0] == 0), "a filtered-out token was sampled"
@@ -149,8 +170,7 @@ def test_params_defaults_and_coercion() -> None:
 
 
 def test_bad_shapes_rejected() -> None:
-    with pytest.raises(ValueError, match="B = len"):
-        sample(torch.zeros(2, 5), [GREEDY], [None])
-    if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="generator of row 0"):
-            sample(torch.zeros(1, 5, device="cuda"), [SamplingParams()], [make_generator(1, "cpu")])
+    with pytest.raises(ValueError, match="must be \\[B, V\\]"):
+        sample(torch.zeros(2, 5), _rows([GREEDY], "cpu"))
+    with pytest.raises(ValueError, match="1 params but 2 seeds"):
+        SamplingRows.build([GREEDY], [1, 2], [0], None, "cpu")

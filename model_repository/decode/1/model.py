@@ -57,7 +57,8 @@ class TritonPythonModel:
         cache = PagedCache.from_budget(model.cfg, dtype, device, int(params["kv_cache_bytes"]), max_len,
                                        max_num_seqs=int(params["max_sequences"]), kv_format=params["kv_format"])
         self.engine = DecodeEngine(model, cache, TextCodec.load(params["model_dir"]), self._sink,
-                                   int(params["max_batch"]), int(params["max_waiting"]))
+                                   int(params["max_batch"]), int(params["max_waiting"]), max_model_len=max_len,
+                                   cuda_graphs=params.get("cuda_graphs", "yes") == "yes")
         self.outbox = queue.Queue()
         self.clients = {}
         # stream refs are unique across restarts too: stream_guard remembers cancelled ones
@@ -66,7 +67,9 @@ class TritonPythonModel:
         self._init_metrics()
         self._reported_step = -1
         self.sender = threading.Thread(target=self._send_loop, name="dsv4-decode-sender", daemon=True)
-        self.engine.start()
+        seconds = self.engine.start()
+        if seconds:
+            pb_utils.Logger.log_info(f"decode: CUDA graphs captured in {seconds:.1f} s")
         self.sender.start()
         self.watchdog = watch_parent(os.getppid(), os.getpid())
 
