@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager steps (for comparison)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--kernel-table", type=Path, default=None,
+                   help="write the kernels of one eager step at the first batch (name, calls, us), slowest first")
     args = p.parse_args(argv)
     from dsv4.scripts import e2e_inproc as ours
 
@@ -67,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         args.kv_format = "fp8" if device.type == "cuda" else "float"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, name = build_model(args, device, dtype)
-    rows = []
+    rows, table = [], []
     for context in _ints(args.contexts):
         for batch in _ints(args.batches):
             try:
-                r = ours.decode_steps(model, batch, context, args.steps, args.kv_format, cuda_graphs=not args.no_cuda_graphs)
+                r = ours.decode_steps(model, batch, context, args.steps, args.kv_format, cuda_graphs=not args.no_cuda_graphs,
+                                      kernel_table=table if not rows else None)
             except torch.cuda.OutOfMemoryError:
                 r = {"step_ms": None, "tokens_per_s": None, "rows_agree": None, "kernels_per_step": None}
             rows.append({"batch": batch, "context": context, **r})
@@ -81,16 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python scripts/bench_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"date: {datetime.date.today()}, device: {gpu}, commit: {commit}, torch {torch.__version__}, model: {name}, "
           f"KV {args.kv_format}, CUDA graphs {'off' if args.no_cuda_graphs else 'on'}\n")
-    print("| batch | context | step (ms) | tokens/s | rows bitwise equal | kernels / step | GPU busy eager | GPU busy graph |")
-    print("|---:|---:|---:|---:|:---:|---:|---:|---:|")
+    print("| batch | context | step (ms) | graph replay (ms) | tokens/s | rows bitwise equal | kernels / step | "
+          "GPU busy eager | GPU busy graph |")
+    print("|---:|---:|---:|---:|---:|:---:|---:|---:|---:|")
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
     for r in rows:
-        print(f"| {r['batch']} | {r['context']} | {f(r['step_ms'], '.3f')} | {f(r['tokens_per_s'], '.0f')} | "
+        print(f"| {r['batch']} | {r['context']} | {f(r['step_ms'], '.3f')} | {f(r.get('graph_ms'), '.3f')} | "
+              f"{f(r['tokens_per_s'], '.0f')} | "
               f"{ {True: 'yes', False: 'NO', None: '-'}[r['rows_agree']]} | {f(r.get('kernels_per_step'), 'd')} | "
               f"{f(r.get('gpu_busy_eager'), '.0%')} | {f(r.get('gpu_busy_graph'), '.0%')} |")
+    if args.kernel_table is not None and table:
+        args.kernel_table.parent.mkdir(parents=True, exist_ok=True)
+        total = sum(t for _, _, t in table)
+        lines = [f"{t:10.1f} us {100 * t / total:5.1f}% {c:4d}x  {n[:150]}" for n, c, t in table]
+        args.kernel_table.write_text(f"one eager decode step, {sum(c for _, c, _ in table)} kernels, {total:.1f} us\n"
+                                     + "\n".join(lines) + "\n")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"commit": commit, "date": str(datetime.date.today()), "gpu": gpu, "model": name,

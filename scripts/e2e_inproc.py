@@ -87,26 +87,42 @@ def replicate(done: Prefilled, batch: int, positions: int) -> list:
     return seqs
 
 
-def profile_step(run, device: torch.device) -> tuple[int | None, float | None]:
-    """(CUDA kernels one call of `run` launches, share of its wall time the GPU is busy) from the profiler."""
+def profile_step(run, device: torch.device, table: list | None = None) -> tuple[int | None, float | None]:
+    """(CUDA kernels one call of `run` launches, share of its time the GPU is busy in kernels).
+
+    Kernel counts and times come from the profiler; the call's time from CUDA events in a run
+    without the profiler (tracing stretches the gaps between kernels). With `table`, appends
+    (kernel name, calls, total us) rows, slowest first.
+    """
     if device.type != "cuda":
         return None, None
     from torch.profiler import ProfilerActivity, profile
 
     run()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        run()
+    end.record()
+    end.synchronize()
+    call_us = start.elapsed_time(end) * 1e3 / 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         sync(device)
-        wall = time.perf_counter() - start
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    busy_us = sum(e.device_time for e in kernels) if kernels else 0.0
-    return len(kernels), min(1.0, busy_us / 1e6 / wall) if wall > 0 else None
+    busy_us = sum(e.device_time for e in kernels)
+    if table is not None:
+        totals: dict[str, list] = {}
+        for e in kernels:
+            row = totals.setdefault(e.name, [0, 0.0])
+            row[0] += 1
+            row[1] += e.device_time
+        table.extend(sorted(((n, c, t) for n, (c, t) in totals.items()), key=lambda r: -r[2]))
+    return len(kernels), min(1.0, busy_us / call_us) if call_us > 0 else None
 
 
 def decode_steps(model: Transformer, batch: int, context: int, steps: int, kv_format: str, seed: int = 0,
-                 cuda_graphs: bool = True) -> dict:
+                 cuda_graphs: bool = True, kernel_table: list | None = None) -> dict:
     """Median decode step (ms) of `batch` requests each at `context` positions, run as the served
     decode runs it (`DecodeRunner`: persistent rows, device sampling, a CUDA graph at the batch),
     whether every row computed bitwise-equal logits at every step (they hold copies of one state),
@@ -117,7 +133,7 @@ def decode_steps(model: Transformer, batch: int, context: int, steps: int, kv_fo
     positions = context + steps + 8
     done = prefill_one(model, random_prompt(context, model.cfg.vocab_size, seed), steps + 8, kv_format, num_rows=batch)
     runner = DecodeRunner(model, done.cache.storage, batch, positions, model.cfg.eos_token_ids, cuda_graphs=cuda_graphs)
-    kernels, busy = profile_step(lambda: runner._forward(batch), model.device)  # before any row: null blocks only
+    kernels, busy = profile_step(lambda: runner._forward(batch), model.device, kernel_table)  # no rows yet: null blocks
     runner.capture([batch])
     for seq in replicate(done, batch, positions):
         runner.add(seq, done.first_token, SamplingParams(temperature=0.0), seed=0, step=1, min_tokens=0)
@@ -132,9 +148,20 @@ def decode_steps(model: Transformer, batch: int, context: int, steps: int, kv_fo
         logits = runner.last_logits
         agree = agree and bool((logits == logits[:1]).all())
     step_s = sorted(times)[len(times) // 2]
-    graph_kernels, graph_busy = profile_step(runner.graphs[batch].replay, model.device) if runner.graphs else (None, None)
+    graph_ms = None
+    if runner.graphs:
+        graph_kernels, graph_busy = profile_step(runner.graphs[batch].replay, model.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            runner.graphs[batch].replay()
+        end.record()
+        end.synchronize()
+        graph_ms = start.elapsed_time(end) / 10
+    else:
+        graph_kernels, graph_busy = None, None
     return {"step_ms": step_s * 1e3, "tokens_per_s": batch / step_s, "rows_agree": agree, "kernels_per_step": kernels,
-            "gpu_busy_eager": busy, "gpu_busy_graph": graph_busy, "graph_kernels": graph_kernels}
+            "gpu_busy_eager": busy, "gpu_busy_graph": graph_busy, "graph_kernels": graph_kernels, "graph_ms": graph_ms}
 
 
 def longest_sequence(model: Transformer, target: int, budget_bytes: int, kv_format: str, chunk: int = 8192,

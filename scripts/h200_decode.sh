@@ -11,16 +11,18 @@ out=${OUT:-runs/h200}
 mkdir -p "$out"
 py=${PY_NUMPY2:-python3}
 phases=${*:-bench tests kernels}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# at most 8 files come back from the device tool: every phase's stderr goes to one log
+err="$out/stderr.log"
 for phase in $phases; do
   start=$(date +%s)
   case $phase in
     bench)
-      timeout 220 $py scripts/bench_decode.py --preset flash-mini --batches 1,8,32,128 --contexts 8192 --steps 16 \
-        --json "$out/decode_flash_mini.json" 2>"$out/bench.err" | tee "$out/bench.md" ;;
+      timeout 220 $py scripts/bench_decode.py --preset flash-mini --batches ${BENCH_BATCHES:-1,8,32,128} --contexts 8192 --steps 16 --kernel-table "$out/kernels_b1.txt" \
+        --json "$out/decode_flash_mini.json" 2>>"$err" | tee "$out/bench.md" ;;
     bench256)
       timeout 300 $py scripts/bench_decode.py --preset flash-mini --experts 256 --batches 1,128 --contexts 8192 \
-        --steps 16 --json "$out/decode_256e.json" 2>"$out/bench256.err" | tee "$out/bench256.md" ;;
+        --steps 16 --kernel-table "$out/kernels_256e_b1.txt" --json "$out/decode_256e.json" 2>>"$err" | tee "$out/bench256.md" ;;
     tests)
       timeout ${TESTS_S:-330} $py -m pytest tests/gpu -q -s -p no:cacheprovider --timeout 300 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
     kernels)
@@ -28,9 +30,9 @@ for phase in $phases; do
         tests/kernels/test_indexer_topk.py tests/kernels/test_sampling.py tests/kernels/test_mhc.py \
         tests/kernels/test_norm_rope.py tests/kernels/test_moe.py 2>&1 | tee "$out/kernel_tests.log" | tail -15 ;;
     e2e)
-      timeout 120 $py -m dsv4.scripts.make_checkpoint flash-mini --out /tmp/flash-mini >"$out/checkpoint.log" 2>&1
-      timeout 540 $py scripts/bench_e2e.py --model /tmp/flash-mini --json "$out/h200_e2e.json" ${E2E_ARGS:-} \
-        2>"$out/e2e.err" | tee "$out/e2e.md" ;;
+      timeout 120 $py -m dsv4.scripts.make_checkpoint flash-mini --out /tmp/flash-mini >>"$err" 2>&1
+      timeout ${E2E_S:-540} $py scripts/bench_e2e.py --model /tmp/flash-mini --json "$out/h200_e2e.json" ${E2E_ARGS:-} \
+        2>>"$err" | tee "$out/e2e.md" ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
   echo "== $phase: $(( $(date +%s) - start )) s (exit ${PIPESTATUS[0]})"

@@ -77,10 +77,13 @@ def test_rows_holding_one_state_agree_to_the_bit(gpu_models, batch, context):
 
 
 def test_kernel_path_within_bf16_bound_of_fp32_reference(gpu_models, record_property):
-    """64 greedy steps of the float32 reference path; the bf16 kernel path teacher-forced on its tokens.
+    """64 greedy steps of the float32 reference path; the bf16 kernel path and the bf16 reference path
+    teacher-forced on its tokens.
 
-    Bound: relative L2 error of every step's logits <= 3e-2 and cosine >= 0.999 (bf16 weights and
-    activations round at 2^-9 per op through 4 layers and the head), and most steps' greedy token agrees.
+    The bf16 bound is what bf16 itself costs: the bf16 *reference* path's distance to float32. The
+    kernel path must stay within 1.5x of its median relative logits error (or 2e-2, if larger) and
+    lose at most 4 more greedy tokens of 64. (Single steps can jump to ~0.2 on both bf16 paths: a
+    routing or indexer top-k choice near a tie flips, a discrete change no tolerance can absorb.)
     """
     ref_model, model = gpu_models[torch.float32], gpu_models[torch.bfloat16]
     context, steps = 1024, 64
@@ -91,25 +94,27 @@ def test_kernel_path_within_bf16_bound_of_fp32_reference(gpu_models, record_prop
         cache.storage.use_kernels = use_kernels
         seq = cache.admit("r", context + steps + 8)
         logits = prefill_prompt(m, cache.storage, seq, prompt, chunk=512)
-        return cache, seq, logits[-1:]
+        return [m, cache, seq, logits[-1:]]
 
-    ref_cache, ref_seq, ref_logits = prefilled(ref_model, False)
-    cache, seq, logits = prefilled(model, True)
-    errors, cosines, agree = [], [], 0
-    for step in range(steps):
-        errors.append(float((logits.float() - ref_logits).norm() / ref_logits.norm()))
-        cosines.append(float(torch.nn.functional.cosine_similarity(logits.float(), ref_logits).min()))
-        token = ref_logits.argmax(-1)
-        agree += int(logits.argmax(-1) == token)
-        ref_logits = ref_model.decode(token, [ref_seq], ref_cache.storage)
-        logits = model.decode(token, [seq], cache.storage)
-    record_property("max_rel_err", max(errors))
-    record_property("min_cosine", min(cosines))
-    record_property("greedy_agreement", agree / steps)
-    print(f"\nkernel bf16 vs reference fp32, {steps} steps: max rel err {max(errors):.4f}, min cosine "
-          f"{min(cosines):.5f}, greedy agreement {agree}/{steps}")
-    assert max(errors) <= 3e-2 and min(cosines) >= 0.999
-    assert agree >= 0.9 * steps
+    ref = prefilled(ref_model, False)
+    paths = {"kernels": prefilled(model, True), "bf16 reference": prefilled(model, False)}
+    errors = {name: [] for name in paths}
+    agree = dict.fromkeys(paths, 0)
+    for _ in range(steps):
+        token = ref[3].argmax(-1)
+        for name, (m, cache, seq, logits) in paths.items():
+            errors[name].append(float((logits.float() - ref[3]).norm() / ref[3].norm()))
+            agree[name] += int(logits.argmax(-1) == token)
+            paths[name][3] = m.decode(token, [seq], cache.storage)
+        ref[3] = ref_model.decode(token, [ref[2]], ref[1].storage)
+    median = {name: sorted(e)[len(e) // 2] for name, e in errors.items()}
+    for name in paths:
+        record_property(f"{name} median_rel_err", median[name])
+        record_property(f"{name} greedy_agreement", agree[name])
+        print(f"\n{name} (bf16) vs reference float32, {steps} teacher-forced steps: median rel err {median[name]:.4f}, "
+              f"max {max(errors[name]):.4f}, greedy agreement {agree[name]}/{steps}")
+    assert median["kernels"] <= max(1.5 * median["bf16 reference"], 2e-2)
+    assert agree["kernels"] >= agree["bf16 reference"] - 4
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graph", "eager"])
