@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = {"step_ms": None, "tokens_per_s": None, "rows_agree": None, "kernels_per_step": None}
             rows.append({"batch": batch, "context": context, **r})
             print(f"  batch {batch} context {context}: {r['step_ms']} ms", file=sys.stderr)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("DSV4_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                          capture_output=True, text=True).stdout.strip()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"command: python scripts/bench_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"date: {datetime.date.today()}, device: {gpu}, commit: {commit}, torch {torch.__version__}, model: {name}, "

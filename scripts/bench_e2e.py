@@ -19,10 +19,12 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import math
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-longest", action="store_true", help="skip the longest-sequence probe")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds the whole run may take: transformers, the expert shape and the longest probe are "
+                        "skipped (reported as not measured) when too little is left for them")
     return p
 
 
@@ -180,6 +185,14 @@ def measure_served(args, codec, layout) -> tuple[dict, dict, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    started = time.monotonic()
+
+    def time_left(needed_s: float, what: str) -> bool:
+        if args.time_budget is None or args.time_budget - (time.monotonic() - started) >= needed_s:
+            return True
+        print(f"skipping {what}: under {needed_s:.0f} s of the time budget left", file=sys.stderr)
+        return False
+
     from dsv4.backend.checkpoint.loader import load_model
     from dsv4.backend.kv_cache.paged_cache import layout_for
     from dsv4.backend.tokenizer import TextCodec
@@ -224,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         inproc_tp = decode[key] if key in decode else decode_or_oom(*key)
 
     hf_ttft, hf_step = {}, {}
-    if not args.no_transformers:
+    if not args.no_transformers and time_left(120, "transformers"):
         print("measuring transformers ...", file=sys.stderr)
         reference = hf.load(args.model, dtype, device)
         hf_ttft = {n: hf.prefill_s(reference, n, device, seed=n) for n in _ints(args.prompts)}
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     experts_decode, experts_name = {}, None
-    if args.experts and device.type == "cuda":
+    if args.experts and device.type == "cuda" and time_left(60, "the expert shape"):
         print(f"measuring the {args.experts}-expert shape ...", file=sys.stderr)
         wide, experts_name = wide_experts_model(model.cfg, args.experts, dtype, device)
         context = _ints(args.contexts)[0]
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
 
     longest = None
-    if not args.no_longest:
+    if not args.no_longest and time_left(args.longest_time + 60, "the longest-sequence probe"):
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 * 2**30
         print("longest-sequence probe ...", file=sys.stderr)
         longest = ours.longest_sequence(model, args.longest, int(free * args.longest_fraction), args.kv_format,
@@ -256,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
 
     floor_ms = weight_read_bytes(model) / (args.hbm_tbps * 1e12) * 1e3
     model_name = args.model.name
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("DSV4_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
+                                                          capture_output=True, text=True).stdout.strip()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"command: python scripts/bench_e2e.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"date: {datetime.date.today()}, device: {name}, commit: {commit}, torch {torch.__version__}, "
