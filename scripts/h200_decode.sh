@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One H200 call for the GPU decode work: the decode benchmark, the GPU tests and the real-shape kernel
 # tests, each under its own time limit, logs and JSON under $OUT (or ./runs/h200 off the device tool).
-#   scripts/h200_decode.sh [bench] [tests] [kernels] [e2e]      (default: bench tests kernels)
+#   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [e2e]      (default: bench tests kernels)
+# Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, TESTS_S, E2E_S, E2E_ARGS tune
+# the phases; DSV4_COMMIT names the commit in the results (the device copy has no git history).
 # Needs .gpu (../shared/tools/gpu-bundle.sh) carried along.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +37,8 @@ for phase in $phases; do
         2>>"$err" | tee "$out/e2e.md" ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
-  echo "== $phase: $(( $(date +%s) - start )) s (exit ${PIPESTATUS[0]})"
+  status=${PIPESTATUS[0]}
+  echo "== $phase: $(( $(date +%s) - start )) s (exit $status)"
+  # STRICT=1: a failed phase stops the run (no timing of code that just failed its checks)
+  if [[ $status != 0 && ${STRICT:-0} == 1 ]]; then exit "$status"; fi
 done

@@ -28,6 +28,7 @@ class DecodeBatch(NamedTuple):
     csa_index_table: Tensor  # [B, W] int32 CSA index-key blocks
     hca_table: Tensor  # [B, W] int32 HCA blocks
     seqs: tuple[SequenceState, ...] = ()  # host mirror: the reference path reads these
+    counts: tuple[tuple[int, Tensor], ...] = ()  # (rate, visible entries [B] int32), once per step
 
     @classmethod
     def from_seqs(cls, seqs: list[SequenceState], device: torch.device | str) -> DecodeBatch:
@@ -48,7 +49,16 @@ class DecodeBatch(NamedTuple):
 
     def visible(self, rate: int) -> Tensor:
         """Compressed entries each query sees after its own token: `[B]` int32."""
+        for r, counts in self.counts:
+            if r == rate:
+                return counts
         return torch.div(self.positions + 1, rate, rounding_mode="floor").to(torch.int32)
+
+    def with_counts(self, rates: tuple[int, ...]) -> DecodeBatch:
+        """The batch with `visible` computed once for each compression rate (not once per layer)."""
+        following = self.positions + 1
+        return self._replace(counts=tuple((r, torch.div(following, r, rounding_mode="floor").to(torch.int32))
+                                          for r in rates))
 
 
 def table_width(max_positions: int) -> int:

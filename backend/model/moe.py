@@ -98,7 +98,7 @@ class MoE(nn.Module):
 
     def grouped(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Same function as `forward`, on the device kernels and grouped GEMMs (no host sync)."""
-        from dsv4.kernels.moe.kernel import moe_combine, moe_route, swiglu
+        from dsv4.kernels.moe.kernel import moe_align, moe_combine, moe_route, swiglu
 
         if not self.stacked:
             return self.forward(x, token_ids)
@@ -107,14 +107,7 @@ class MoE(nn.Module):
             weights, ids = moe_route(gate.logits(x), gate.topk, gate.route_scale, tid2eid=gate.tid2eid, token_ids=token_ids)
         else:
             weights, ids = moe_route(gate.logits(x), gate.topk, gate.route_scale, bias=gate.bias)
-        n_tok, k1 = ids.shape
-        groups = self.w13.shape[0]
-        flat = ids.flatten().long()
-        order = torch.argsort(flat, stable=True)  # token-expert pairs grouped by expert
-        slots = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        counts = torch.zeros(groups, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-        offsets = counts.cumsum(0).to(torch.int32)
-        rows = x.index_select(0, order // k1)
-        h = torch._grouped_mm(rows, self.w13.transpose(1, 2), offs=offsets)
+        rows, slots, offsets = moe_align(ids, self.w13.shape[0])  # token-expert pairs grouped by expert
+        h = torch._grouped_mm(x.index_select(0, rows), self.w13.transpose(1, 2), offs=offsets)
         y = torch._grouped_mm(swiglu(h, self.limit), self.w2.transpose(1, 2), offs=offsets)
-        return moe_combine(y, slots.view(n_tok, k1), weights)
+        return moe_combine(y, slots, weights)

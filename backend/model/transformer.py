@@ -41,10 +41,8 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_base", empty_param(mix, dtype=torch.float32))
             setattr(self, f"hc_{site}_scale", empty_param(3, dtype=torch.float32))
 
-    def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, attend, kernels: bool = False) -> torch.Tensor:
-        """streams [N, n_hc, d]; `attend(x [N, d]) -> [N, d]` runs this layer's attention."""
-        if kernels:
-            return self._forward_fused(streams, token_ids, attend)
+    def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, attend) -> torch.Tensor:
+        """Reference path: streams [N, n_hc, d]; `attend(x [N, d]) -> [N, d]` runs this layer's attention."""
         eps = self.cfg.rms_norm_eps
         w = hc_weights(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.cfg)
         y = attend(ops.rms_norm(hc_collapse(streams, w.pre), self.attn_norm.weight, eps))
@@ -53,23 +51,25 @@ class Block(nn.Module):
         y = self.ffn(ops.rms_norm(hc_collapse(streams, w.pre), self.ffn_norm.weight, eps), token_ids)
         return hc_expand(streams, y, w)
 
-    def _forward_fused(self, streams: torch.Tensor, token_ids: torch.Tensor, attend) -> torch.Tensor:
+    def forward_fused(self, streams: torch.Tensor, flat: torch.Tensor | None, token_ids: torch.Tensor, attend):
+        """The kernel path: (streams, their float32 flattening or None) -> the same after this block."""
         from dsv4.kernels.mhc.kernel import hc_post
 
-        x, post, comb = fused_collapse(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale,
+        x, post, comb = fused_collapse(streams, flat, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale,
                                        self.attn_norm.weight, self.cfg)
-        streams = hc_post(streams, attend(x), post, comb)
-        x, post, comb = fused_collapse(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale,
+        streams, flat = hc_post(streams, attend(x), post, comb, flat=True)
+        x, post, comb = fused_collapse(streams, flat, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale,
                                        self.ffn_norm.weight, self.cfg)
-        return hc_post(streams, self.ffn.grouped(x, token_ids), post, comb)
+        return hc_post(streams, self.ffn.grouped(x, token_ids), post, comb, flat=True)
 
 
-def fused_collapse(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-                   norm_weight: torch.Tensor, cfg: ModelConfig, head: bool = False):
-    """mHC weights + collapse + RMSNorm on the kernels: one GEMM for the mixing logits, one kernel for the rest."""
+def fused_collapse(streams: torch.Tensor, flat: torch.Tensor | None, fn: torch.Tensor, base: torch.Tensor,
+                   scale: torch.Tensor, norm_weight: torch.Tensor, cfg: ModelConfig, head: bool = False):
+    """mHC weights + collapse + RMSNorm on the kernels: one GEMM for the mixing logits (over the streams'
+    float32 flattening, `flat`, when the previous kernel wrote it), one kernel for the rest."""
     from dsv4.kernels.mhc.kernel import hc_pre
 
-    mixes = F.linear(streams.flatten(1).float(), fn)
+    mixes = F.linear(streams.flatten(1).float() if flat is None else flat, fn)
     return hc_pre(streams, mixes, base, scale, norm_weight, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
                   norm_eps=cfg.rms_norm_eps, head=head)
 
@@ -109,6 +109,7 @@ class Transformer(nn.Module):
         self.hc_head_scale = empty_param(1, dtype=torch.float32)
         self.head = Linear(d, cfg.vocab_size, dtype)
         self.mtp = nn.ModuleList(MTPBlock(cfg, dtype) for _ in range(cfg.num_mtp_layers))
+        self.compress_rates = tuple(sorted({cfg.compress_rate(i) for i in range(cfg.num_layers)} - {0}))
 
     @property
     def device(self) -> torch.device:
@@ -118,10 +119,21 @@ class Transformer(nn.Module):
         x = self.embed.weight[token_ids]
         return x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
 
-    def _logits(self, streams: torch.Tensor, kernels: bool) -> torch.Tensor:
+    def _run_blocks(self, token_ids: torch.Tensor, attend, kernels: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every block; `attend(attention module, x)` is the chosen path's attention."""
+        streams, flat = self._streams(token_ids), None
+        for block in self.layers:
+            layer_attend = lambda x, a=block.attn: attend(a, x)  # noqa: E731
+            if kernels:
+                streams, flat = block.forward_fused(streams, flat, token_ids, layer_attend)
+            else:
+                streams = block(streams, token_ids, layer_attend)
+        return streams, flat
+
+    def _logits(self, streams: torch.Tensor, flat: torch.Tensor | None, kernels: bool) -> torch.Tensor:
         if kernels:
-            x, _, _ = fused_collapse(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm.weight,
-                                     self.cfg, head=True)
+            x, _, _ = fused_collapse(streams, flat, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
+                                     self.norm.weight, self.cfg, head=True)
         else:
             x = hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.cfg)
             x = ops.rms_norm(x, self.norm.weight, self.cfg.rms_norm_eps)
@@ -132,11 +144,11 @@ class Transformer(nn.Module):
         """Run tokens seq.position .. +S-1 of one request; returns logits [S, V] or [1, V] (last)."""
         kernels = kv_store.use_kernels
         prefill_attn = kernel_path.prefill if kernels else Attention.prefill
-        streams = self._streams(token_ids)
-        for block in self.layers:
-            streams = block(streams, token_ids, lambda x, a=block.attn: prefill_attn(a, x, seq, kv_store), kernels)
+        streams, flat = self._run_blocks(token_ids, lambda a, x: prefill_attn(a, x, seq, kv_store), kernels)
         seq.position += token_ids.shape[0]
-        return self._logits(streams if all_logits else streams[-1:], kernels)
+        if not all_logits:
+            streams, flat = streams[-1:], flat[-1:] if flat is not None else None
+        return self._logits(streams, flat, kernels)
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, seqs: list[SequenceState], kv_store: KVStorage) -> torch.Tensor:
@@ -154,7 +166,7 @@ class Transformer(nn.Module):
         """
         kernels = kv_store.use_kernels
         decode_attn = kernel_path.decode if kernels else Attention.decode
-        streams = self._streams(token_ids)
-        for block in self.layers:
-            streams = block(streams, token_ids, lambda x, a=block.attn: decode_attn(a, x, batch, kv_store), kernels)
-        return self._logits(streams, kernels)
+        if kernels:
+            batch = batch.with_counts(self.compress_rates)
+        streams, flat = self._run_blocks(token_ids, lambda a, x: decode_attn(a, x, batch, kv_store), kernels)
+        return self._logits(streams, flat, kernels)

@@ -75,8 +75,8 @@ def hc_pre_kernel(
 
 @triton.jit
 def hc_post_kernel(
-    streams_ptr, y_ptr, post_ptr, comb_ptr, out_ptr, d, stride_y,
-    N_HC: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr,
+    streams_ptr, y_ptr, post_ptr, comb_ptr, out_ptr, flat_ptr, d, stride_y,
+    N_HC: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr, FLAT: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -90,6 +90,8 @@ def hc_post_kernel(
         mix = _round(tl.sum(ck[:, None] * s, 0), ROUND_BF16)
         o = _round(_round(pk * y, ROUND_BF16) + mix, ROUND_BF16)
         tl.store(out_ptr + i_t * N_HC * d + k * d + cols, o.to(out_ptr.dtype.element_ty), mask=m_d)
+        if FLAT:  # the next site's mixing GEMM reads the streams in float32
+            tl.store(flat_ptr + i_t * N_HC * d + k * d + cols, o, mask=m_d)
 
 
 def _check_streams(streams: torch.Tensor) -> tuple[int, int, int]:
@@ -142,24 +144,28 @@ def hc_pre(
     return x, post, comb
 
 
-def hc_post(streams: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def hc_post(streams: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+            flat: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """New streams `[N, n, d]`: X'_k = post_k * y + sum_j comb[j, k] X_j (the reference's `hc_expand_ref`).
 
     y: `[N, d]` in the streams' dtype (rows contiguous); post `[N, n]`, comb `[N, n, n]` float32 from `hc_pre`.
+    With `flat`, also returns the new streams as float32 `[N, n*d]` (the next mixing GEMM's input,
+    written in the same pass instead of by a separate cast).
     """
     n_tok, n_hc, d = _check_streams(streams)
     assert y.shape == (n_tok, d) and y.stride(1) == 1 and y.dtype == streams.dtype
     assert post.shape == (n_tok, n_hc) and comb.shape == (n_tok, n_hc, n_hc)
     check_contiguous(post=post, comb=comb)
     out = torch.empty_like(streams)
-    if n_tok == 0:
-        return out
-    block_d = min(1024 if streams.is_cuda else 128, next_pow2(d))
-    hc_post_kernel[(n_tok, triton.cdiv(d, block_d))](
-        streams, y, post, comb, out, d, y.stride(0),
-        N_HC=n_hc, BLOCK_D=block_d, ROUND_BF16=streams.dtype == torch.bfloat16, num_warps=4 if streams.is_cuda else 1,
-    )
-    return out
+    flat_out = torch.empty(n_tok, n_hc * d, dtype=torch.float32, device=streams.device) if flat else None
+    if n_tok:
+        block_d = min(1024 if streams.is_cuda else 128, next_pow2(d))
+        hc_post_kernel[(n_tok, triton.cdiv(d, block_d))](
+            streams, y, post, comb, out, flat_out if flat else out, d, y.stride(0),
+            N_HC=n_hc, BLOCK_D=block_d, ROUND_BF16=streams.dtype == torch.bfloat16, FLAT=flat,
+            num_warps=4 if streams.is_cuda else 1,
+        )
+    return (out, flat_out) if flat else out
 
 
 __all__ = ["hc_pre", "hc_post"]

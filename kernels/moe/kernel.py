@@ -62,6 +62,25 @@ def moe_route_kernel(
 
 
 @triton.jit
+def moe_align_kernel(ids_ptr, rows_ptr, slots_ptr, offsets_ptr, m, groups, K1: tl.constexpr, M_P2: tl.constexpr,
+                     G_P2: tl.constexpr):
+    """One program sorts every token-expert pair by expert (stable): rows of the sorted pairs, the
+    sorted slot of each pair, and each expert group's end offset."""
+    o = tl.arange(0, M_P2)
+    valid = o < m
+    ids = tl.load(ids_ptr + o, mask=valid, other=0).to(tl.int64)
+    # (expert, pair index) keys sort stably by expert; padding lanes sort after every real group
+    key = tl.where(valid, ids, groups) * M_P2 + o
+    pair = (tl.sort(key) % M_P2).to(tl.int32)  # sorted position j holds pair `pair[j]`
+    tl.store(rows_ptr + o, pair // K1, mask=valid)
+    tl.store(slots_ptr + pair, o.to(tl.int64), mask=valid)
+    bins = tl.where(valid, ids, 0).to(tl.int32)
+    counts = tl.histogram(bins, G_P2) - tl.where(tl.arange(0, G_P2) == 0, tl.sum((~valid).to(tl.int32), 0), 0)
+    o_g = tl.arange(0, G_P2)
+    tl.store(offsets_ptr + o_g, tl.cumsum(counts, 0), mask=o_g < groups)
+
+
+@triton.jit
 def swiglu_kernel(h_ptr, out_ptr, inter, stride_h, limit, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
     i_m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -116,6 +135,34 @@ def moe_route(logits: torch.Tensor, topk: int, route_scale: float, *, bias: torc
     return weights, ids
 
 
+ALIGN_MAX_PAIRS = 4096  # one program sorts this many pairs in registers; more take the library sort
+
+
+def moe_align(ids: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-expert pairs `ids [N, K1]` (int32) grouped by expert, stably.
+
+    Returns (rows `[N*K1]` int32: the token of each sorted pair, slots `[N, K1]` int64: where each pair
+    landed, offsets `[groups]` int32: cumulative group sizes, as `torch._grouped_mm` takes them).
+    """
+    check_dtype("ids", ids, torch.int32)
+    assert ids.dim() == 2 and ids.is_contiguous()
+    n_tok, k1 = ids.shape
+    m = n_tok * k1
+    device = ids.device
+    if m > ALIGN_MAX_PAIRS or m == 0:
+        flat = ids.flatten().long()
+        order = torch.argsort(flat, stable=True)
+        slots = torch.empty_like(order).scatter_(0, order, torch.arange(m, device=device))
+        counts = torch.zeros(groups, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+        return (order // k1).to(torch.int32), slots.view(n_tok, k1), counts.cumsum(0).to(torch.int32)
+    rows = torch.empty(m, dtype=torch.int32, device=device)
+    slots = torch.empty(n_tok, k1, dtype=torch.int64, device=device)
+    offsets = torch.empty(groups, dtype=torch.int32, device=device)
+    moe_align_kernel[(1,)](ids, rows, slots, offsets, m, groups, K1=k1, M_P2=next_pow2(m), G_P2=next_pow2(groups),
+                           num_warps=4 if ids.is_cuda else 1)
+    return rows, slots, offsets
+
+
 def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
     """`[M, 2I]` (gate columns first) -> `[M, I]` = `reference.swiglu_ref(gate, up, limit)`."""
     check_dtype("h", h, torch.float32, torch.bfloat16)
@@ -148,4 +195,4 @@ def moe_combine(y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> 
     return out
 
 
-__all__ = ["moe_route", "swiglu", "moe_combine"]
+__all__ = ["moe_route", "moe_align", "swiglu", "moe_combine"]

@@ -56,7 +56,8 @@ def test_hc_post(d, dtype):
     streams, fn, base, scale, _ = _inputs(5, d, dtype, False, seed=7)
     _, post, comb = ref.hc_weights_ref(ref.stream_mixes(streams, fn, 1e-6), base, scale, 4, 20, 1e-6)
     y = torch.randn(5, d, generator=make_generator(8)).to(dtype).to(DEVICE)
-    out = hc_post(streams, y, post.contiguous(), comb.contiguous())
+    out, flat = hc_post(streams, y, post.contiguous(), comb.contiguous(), flat=True)
+    assert torch.equal(flat, out.float().flatten(1)), "the float32 flattening must be the streams' exact values"
     expected = ref.hc_expand_ref(streams.cpu(), y.cpu(), post.cpu(), comb.cpu())
     if dtype == torch.bfloat16:  # the kernel rounds exactly where the bf16 ops round
         assert torch.equal(out.cpu(), expected)

@@ -65,3 +65,18 @@ def test_grouped_moe_equals_expert_loop(mlp, n_tok):
     x = torch.randn(n_tok, cfg.hidden_size, device=DEVICE)
     tokens = torch.randint(0, cfg.vocab_size, (n_tok,), device=DEVICE)
     assert_close(moe.grouped(x, tokens), moe(x, tokens), torch.float32, "grouped vs loop")
+
+
+@pytest.mark.parametrize("n_tok,k1,groups", [(1, 7, 17), (9, 3, 5), (128, 7, 257), (700, 7, 17)],
+                         ids=["b1", "b9", "b128-257", "library-sort"])
+def test_moe_align_groups_pairs_stably(n_tok, k1, groups):
+    from dsv4.kernels.moe.kernel import moe_align
+
+    g = make_generator(n_tok)
+    ids = torch.randint(0, groups, (n_tok, k1), generator=g, dtype=torch.int32).to(DEVICE)
+    rows, slots, offsets = moe_align(ids, groups)
+    flat = ids.flatten().long().cpu()
+    order = torch.argsort(flat, stable=True)
+    assert torch.equal(rows.cpu().long(), order // k1)
+    assert torch.equal(slots.cpu().flatten()[order], torch.arange(flat.numel()))
+    assert torch.equal(offsets.cpu().long(), torch.bincount(flat, minlength=groups).cumsum(0))
