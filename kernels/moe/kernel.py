@@ -135,7 +135,10 @@ def moe_route(logits: torch.Tensor, topk: int, route_scale: float, *, bias: torc
     return weights, ids
 
 
-ALIGN_MAX_PAIRS = 4096  # one program sorts this many pairs in registers; more take the library sort
+# one program sorts up to this many pairs in registers (decode: batch 128 x 7 = 896); a prefill chunk
+# (512 x 7) takes the library sort (an H200 test run whose 3,584-pair prefill chunks went through a
+# 4096-wide in-register sort did not finish within its time limit)
+ALIGN_MAX_PAIRS = 1024
 
 
 def moe_align(ids: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
