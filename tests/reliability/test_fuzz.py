@@ -42,8 +42,9 @@ sys.stdin.read()
 def serve(tiny_dir, tmp_path_factory):
     proc = start_serve(tiny_dir, tmp_path_factory.mktemp("fuzz") / "work", ["--exit-timeout", str(EXIT_TIMEOUT)])
     yield proc
-    if proc.proc.poll() is None:
-        proc.proc.kill()
+    if proc.proc.poll() is None:  # a test failed before the stop test: stop it the normal way
+        proc.proc.terminate()
+        proc.proc.wait(EXIT_TIMEOUT + 30)
 
 
 def test_short_fuzz_round(serve):
