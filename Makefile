@@ -1,5 +1,6 @@
 # make serve: install what is missing into .venv, then serve the default (tiny) model.
 # make test:  install what is missing into .venv, then run the test suite.
+# make serve SERVE_ARGS="--http-port 9000 --grpc-port 9001 --metrics-port 9002" passes flags to dsv4-serve.
 PYTHON ?= python3
 VENV ?= .venv
 # the CPU build of torch is pinned: an open range makes pip fetch a multi-GB CUDA build
@@ -10,11 +11,12 @@ HOST ?= grpc://127.0.0.1:8001
 SCENARIO ?= short_chat
 USERS ?= 4
 DURATION ?= 60s
+FUZZ_MINUTES ?= 15
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test load soak clean
+.PHONY: install serve test load soak fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,10 @@ load: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m tests.reliability.soak
+
+# 15 minutes of hostile requests against the real server (CI runs a short round)
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.reliability.fuzz --minutes $(FUZZ_MINUTES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -33,7 +33,7 @@ examples:
   dsv4-client chat --system "You are terse." --max-tokens 256
 
 chat mode: type a message and press Enter; Ctrl-C stops the answer being written,
-/reset clears the history, /exit or Ctrl-D quits.
+/reset clears the history, /exit or Ctrl-D quits; an unreachable server ends it (exit 4).
 
 exit codes: 0 ok, 2 bad usage, 3 the server rejected the request (its message goes
 to stderr), 4 the server could not be reached or did not answer in time, 130 interrupted.
@@ -210,7 +210,9 @@ def _chat(args: argparse.Namespace, transport: Transport, stdin: TextIO, out: Te
             continue
         except ClientError as e:
             out.write("\n")
-            _report_error(e, err)
+            code = _report_error(e, err)
+            if code == EXIT_CONNECTION:  # nobody to talk to: end as the other modes do
+                return code
             continue
         out.write("\n")
         out.flush()

@@ -7,10 +7,10 @@ import json
 import sys
 import time
 
-EPILOG = """examples:
-  dsv4-generate --model checkpoints/tiny --prompt "Hello" --max-tokens 32
-  dsv4-generate --model checkpoints/tiny --input-ids 0,100,200 --max-tokens 8 --json
-  dsv4-generate --model checkpoints/tiny --prompt "Hi" --max-tokens 1 --dump-logits /tmp/logits.npy
+EPILOG = """examples (the tiny model that dsv4-serve makes on first use, or: dsv4-checkpoint tiny --out DIR):
+  dsv4-generate --model ~/.cache/dsv4-triton/tiny --prompt "Hello" --max-tokens 32
+  dsv4-generate --model ~/.cache/dsv4-triton/tiny --input-ids 0,100,200 --max-tokens 8 --json
+  dsv4-generate --model ~/.cache/dsv4-triton/tiny --prompt "Hi" --max-tokens 1 --dump-logits /tmp/logits.npy
 """
 
 

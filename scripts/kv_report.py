@@ -17,7 +17,7 @@ EXAMPLES = """\
 examples:
   dsv4-kv-report --preset flash                         # V4-Flash, 1M context, fp8 entries + fp8 index keys
   dsv4-kv-report --preset pro --index-dtype fp4 --json  # V4-Pro with fp4 index keys, machine-readable
-  dsv4-kv-report --model checkpoints/tiny --context 8192 --format bf16 --budget-gib 4
+  dsv4-kv-report --model ~/.cache/dsv4-triton/tiny --context 8192 --format bf16 --budget-gib 4
 """
 
 

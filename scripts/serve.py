@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -19,7 +20,15 @@ EPILOG = """examples:
   dsv4-serve                                   # the tiny model on 127.0.0.1:8000/8001/8002
   dsv4-serve --model /data/flash-mini --device cuda --dtype bf16
   dsv4-serve --host 0.0.0.0 --api-key $KEY     # listen beyond loopback (admin APIs need the key)
+
+exit codes: 0 stopped by SIGTERM/SIGINT after draining, 1 the server did not start or did not
+stop cleanly, 2 bad configuration (restarting will not help), 3 tritonserver died while serving.
 """
+
+EXIT_STOPPED = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_DIED = 3
 
 
 def default_cache() -> Path:
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = validate(args)
     except Exception as exc:
         print(f"dsv4-serve: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         args.api_key = secrets.token_urlsafe(24)
         print(f"dsv4-serve: listening beyond loopback; admin APIs need header dsv4-api-key: {args.api_key}", file=sys.stderr)
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         server = launch(args, model_dir, work)
     except LaunchError as exc:
         print(f"dsv4-serve: {exc}", file=sys.stderr)
-        return 1
+        _remove_workdir(args, work)
+        return EXIT_FAILED
     stop_signal: dict[str, int] = {}
     signal.signal(signal.SIGINT, lambda signum, _frame: stop_signal.setdefault("sig", signum))
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop_signal.setdefault("sig", signum))
@@ -181,19 +191,48 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         server.stop(5)
         print(f"dsv4-serve: the server did not come up: {exc}\n(log: {work / 'tritonserver.log'})", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     if not stop_signal:
         print(_banner(server, model_dir, waited, work), flush=True)
     while server.alive() and not stop_signal:
         time.sleep(0.2)
-    if stop_signal:
-        print("dsv4-serve: stopping: draining streams, then shutting the server down", file=sys.stderr, flush=True)
+    if not stop_signal:
+        code = server.proc.returncode
+        cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        print(f"dsv4-serve: tritonserver died ({cause}) after {time.monotonic() - started:.0f}s; "
+              f"its log: {work / 'tritonserver.log'}", file=sys.stderr, flush=True)
+        return EXIT_DIED
+    print("dsv4-serve: stopping: draining streams, then shutting the server down", file=sys.stderr, flush=True)
     stopping = time.monotonic()
     code = server.stop()
-    if stop_signal:
-        print(f"dsv4-serve: drained and stopped in {time.monotonic() - stopping:.1f}s", file=sys.stderr, flush=True)
-    print(f"dsv4-serve: server stopped (exit code {code}) after {time.monotonic() - started:.0f}s", file=sys.stderr)
-    return 0 if stop_signal else (code or 0)
+    clean = code == 0 or server.ended_held_by_streams
+    print(f"dsv4-serve: {'drained and stopped' if clean else 'stopped, not cleanly,'} in {time.monotonic() - stopping:.1f}s "
+          f"(tritonserver exit code {code}) after {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+    if not clean:
+        print(f"dsv4-serve: its log: {work / 'tritonserver.log'}", file=sys.stderr)
+        return EXIT_FAILED
+    _remove_workdir(args, work)
+    return EXIT_STOPPED
+
+
+def _remove_workdir(args, work: Path) -> None:
+    """The generated repository and log live in a temporary folder unless --workdir chose one."""
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def client_command(bin_dir: Path | None = None, cwd: Path | None = None) -> str:
+    """How to run dsv4-client from the user's shell: bare when PATH finds this one, else a path."""
+    bin_dir = bin_dir or Path(sys.executable).parent
+    cwd = cwd or Path.cwd()
+    mine = bin_dir / "dsv4-client"
+    found = shutil.which("dsv4-client")
+    if found and Path(found).resolve() == mine.resolve():
+        return "dsv4-client"
+    try:
+        return str(mine.relative_to(cwd))
+    except ValueError:
+        return str(mine)
 
 
 def _banner(server, model_dir: Path, waited: float, work: Path) -> str:
@@ -204,10 +243,11 @@ DeepSeek-V4 on Triton is ready ({waited:.1f}s): model {model_dir}
   gRPC     {grpc}
   metrics  {server.metrics_url}
   log      {work / 'tritonserver.log'}
+  limits   {server.stack.describe()}
 
 try it:
-  curl -s -X POST {http}/v2/models/dsv4/generate -d '{{"text_input": "Hello", "max_tokens": 16, "temperature": 0}}'
-  dsv4-client --url {grpc} --prompt "Hello" --max-tokens 16 --stream
+  curl -s {http}/v2/models/dsv4/generate -H 'Content-Type: application/json' -d '{{"text_input": "Hello", "max_tokens": 16, "temperature": 0}}'
+  {client_command()} --url {grpc} --prompt "Hello" --max-tokens 16 --stream
 Ctrl-C stops the server gracefully.
 """
 

@@ -19,8 +19,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from dsv4.scripts.stack_limit import StackLimit, current_plan, stack_limit_for_children
+from dsv4.scripts.triton_exit import wait_for_exit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(os.environ.get("DSV4_MODEL_REPOSITORY", REPO_ROOT / "model_repository"))
@@ -102,7 +105,7 @@ def build_backend_dir(out: Path, bundle: TritonBundle) -> Path:
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerOptions:
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -112,7 +115,7 @@ class ServerOptions:
     shm_bytes: int = 64 << 20
     cuda_pool_bytes: int = 0
     api_key: str | None = None
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: tuple[str, ...] = ()
 
 
 def server_command(bundle: TritonBundle, repo: Path, backends: Path, opts: ServerOptions) -> list[str]:
@@ -134,7 +137,7 @@ def server_command(bundle: TritonBundle, repo: Path, backends: Path, opts: Serve
         for api in ("model-repository", "shared-memory"):
             cmd.append(f"--http-restricted-api={api}:dsv4-api-key={opts.api_key}")
             cmd.append(f"--grpc-restricted-protocol={api}:dsv4-api-key={opts.api_key}")
-    return cmd + opts.extra_args
+    return cmd + list(opts.extra_args)
 
 
 def server_env(bundle: TritonBundle) -> dict[str, str]:
@@ -151,8 +154,10 @@ def server_env(bundle: TritonBundle) -> dict[str, str]:
 class RunningServer:
     """A started tritonserver process; `stop()` sends SIGTERM and waits for the graceful exit."""
 
-    def __init__(self, proc: subprocess.Popen, opts: ServerOptions, log_path: Path):
-        self.proc, self.opts, self.log_path = proc, opts, log_path
+    def __init__(self, proc: subprocess.Popen, opts: ServerOptions, log_path: Path, stack: StackLimit):
+        self.proc, self.opts, self.log_path, self.stack = proc, opts, log_path, stack
+        # set when stop() had to end a tritonserver that only client gRPC streams kept alive
+        self.ended_held_by_streams = False
 
     @property
     def http_url(self) -> str:
@@ -190,12 +195,10 @@ class RunningServer:
             print(f"dsv4-serve: decode {'drained' if drained else 'did not confirm its drain'}"
                   f"{'' if quiet else ' (work still queued)'} in {time.monotonic() - started:.1f}s; stopping tritonserver",
                   file=sys.stderr, flush=True)
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout or self.opts.exit_timeout_s + 15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.ended_held_by_streams = wait_for_exit(self.proc, self.log_path, log_offset,
+                                                       timeout or self.opts.exit_timeout_s + 15)
         return self.proc.returncode
 
 
@@ -247,11 +250,13 @@ def start_server(repo: Path, backends: Path, bundle: TritonBundle, opts: ServerO
     for name, port in (("HTTP", opts.http_port), ("gRPC", opts.grpc_port), ("metrics", opts.metrics_port)):
         if not port_free(opts.host, port):
             raise LaunchError(f"{name} port {port} on {opts.host} is already in use; choose another with --{name.lower()}-port")
+    stack = current_plan()
     log = open(log_path, "ab")
-    proc = subprocess.Popen(server_command(bundle, repo, backends, opts), stdout=log, stderr=subprocess.STDOUT,
-                            env=server_env(bundle), start_new_session=True)
+    with stack_limit_for_children(stack):
+        proc = subprocess.Popen(server_command(bundle, repo, backends, opts), stdout=log, stderr=subprocess.STDOUT,
+                                env=server_env(bundle), start_new_session=True)
     log.close()
-    return RunningServer(proc, opts, log_path)
+    return RunningServer(proc, opts, log_path, stack)
 
 
 def canary(http_url: str, timeout: float = 30.0) -> dict:

@@ -20,8 +20,13 @@ class RequestError(ValueError):
     """Bad user input; reaches the client as INVALID_ARG with this message (naming the field)."""
 
     def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
+        super().__init__(f"{shorten(field_name)}: {message}")
         self.field = field_name
+
+
+def shorten(name: str, limit: int = 64) -> str:
+    """A client-chosen name as it appears in a message: a 100 MB key must not come back whole."""
+    return name if len(name) <= limit else f"{name[:limit]}... ({len(name)} characters)"
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,9 @@ def check_parameters(parameters: dict[str, Any]) -> None:
         if name in RESERVED_PARAMETERS or name.startswith("triton_"):
             raise RequestError(name, "is a reserved Triton parameter name and cannot be used with this model")
     if parameters:
-        raise RequestError(sorted(parameters)[0], f"unknown request parameter(s) {sorted(parameters)}; "
+        names = sorted(parameters)
+        shown = [shorten(n) for n in names[:8]] + ([f"... {len(names) - 8} more"] if len(names) > 8 else [])
+        raise RequestError(names[0], f"unknown request parameter(s) {shown}; "
                            f"this model takes the inputs {list(INPUT_NAMES)}")
 
 

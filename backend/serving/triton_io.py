@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .request import INPUT_NAMES
+from .request import INPUT_NAMES, RequestError
 from .text_state import OutputChunk
 
 REQUEST_INPUTS = INPUT_NAMES
@@ -50,7 +50,10 @@ def compute_dtype(params: dict[str, str]) -> Any:
 
 
 def request_parameters(request: Any) -> dict[str, Any]:
-    raw = request.parameters()
+    try:
+        raw = request.parameters()
+    except UnicodeDecodeError as exc:  # the backend decodes the parameters' JSON text as UTF-8
+        raise RequestError("parameters", f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     return json.loads(raw) if raw else {}
 
 

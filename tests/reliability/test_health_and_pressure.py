@@ -1,4 +1,4 @@
-"""dsv4-health notices a dead decode stub; KV exhaustion queues or refuses, never crashes."""
+"""dsv4-health notices a dead decode stub or a dead server; KV exhaustion queues or refuses, never crashes."""
 
 from __future__ import annotations
 
@@ -18,35 +18,51 @@ from dsv4.scripts.health import main as health_main
 from dsv4.scripts.health import probe
 
 from ..server.calls import grpc_stream, metric
-from ..server_fixtures import start
+from ..server_fixtures import start, start_serve
 
 
-def test_health_probe_fails_within_ten_seconds_of_the_decode_stub_dying(tiny_dir, tmp_path):
-    server = start(tiny_dir, tmp_path / "srv")
+def _ready_code(url: str) -> str:
+    return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{url}/v2/health/ready"],
+                          capture_output=True, text=True).stdout
+
+
+def _unhealthy_within(url: str, seconds: float) -> str:
+    since = time.monotonic()
+    while True:
+        ok, message = probe(url, timeout=5)
+        if not ok:
+            return message
+        assert time.monotonic() - since < seconds, f"probe still healthy {seconds} s after the failure"
+        time.sleep(0.5)
+
+
+def test_health_fails_within_ten_seconds_of_a_stub_or_the_server_dying(tiny_dir, tmp_path):
+    serve = start_serve(tiny_dir, tmp_path / "srv")
     try:
-        assert health_main(["--url", server.http_url, "--quiet"]) == 0
-        ready = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{server.http_url}/v2/health/ready"],
-                               capture_output=True, text=True).stdout
-        assert ready == "200"
+        assert health_main(["--url", serve.http_url, "--quiet"]) == 0
+        assert _ready_code(serve.http_url) == "200"
         stub = subprocess.run(["pgrep", "-f", f"{tmp_path}/srv/models/decode/1/model.py"], capture_output=True, text=True)
-        pid = int(stub.stdout.split()[0])
-        os.kill(pid, signal.SIGKILL)
+        os.kill(int(stub.stdout.split()[0]), signal.SIGKILL)
         killed = time.monotonic()
-        while True:
-            ok, message = probe(server.http_url, timeout=5)
-            if not ok:
-                break
-            assert time.monotonic() - killed < 10, "probe still healthy 10 s after the stub died"
-            time.sleep(0.5)
+        message = _unhealthy_within(serve.http_url, 10)
         assert time.monotonic() - killed < 10
         assert "not healthy" in message or "no answer" in message, message
-        assert health_main(["--url", server.http_url, "--timeout", "3"]) == 1
+        assert health_main(["--url", serve.http_url, "--timeout", "3"]) == 1
         # Triton itself still reports ready: that is why the probe runs a real inference
-        ready = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{server.http_url}/v2/health/ready"],
-                               capture_output=True, text=True).stdout
-        assert ready == "200"
+        assert _ready_code(serve.http_url) == "200"
+        # tritonserver itself dying (as a stack overflow would make it): dsv4-serve says so and exits 3
+        os.kill(serve.tritonserver_pid(), signal.SIGSEGV)
+        assert "no answer" in _unhealthy_within(serve.http_url, 10)
+        assert serve.proc.wait(30) == 3
+        output = serve.proc.stdout.read()
+        assert "tritonserver died (signal SIGSEGV)" in output and "tritonserver.log" in output, output
+        time.sleep(3)  # the stubs' watchdogs notice within a second or two
+        left = subprocess.run(["pgrep", "-af", f"{tmp_path}/srv"], capture_output=True, text=True).stdout
+        assert [line for line in left.splitlines() if "pgrep" not in line] == []
     finally:
-        server.stop(20)
+        if serve.proc.poll() is None:
+            serve.proc.terminate()
+            serve.proc.wait(60)
 
 
 @pytest.fixture(scope="module")

@@ -85,9 +85,10 @@ def grpc_unary(url: str, prompt, **params) -> Reply:
     return reply
 
 
-def http_post(url: str, path: str, body: dict | bytes, timeout: float = 120) -> tuple[int, bytes]:
+def http_post(url: str, path: str, body: dict | bytes, timeout: float = 120,
+              content_type: str = "application/json") -> tuple[int, bytes]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()

@@ -552,3 +552,12 @@ def test_client_and_load_tests_do_not_import_the_backend():
         for path in (REPO / folder).rglob("*.py"):
             text = path.read_text()
             assert "dsv4.backend" not in text and "from backend" not in text and "import backend" not in text, path
+
+
+def test_cli_chat_without_a_server_exits_4():
+    from dsv4.client.cli import main
+
+    err = io.StringIO()
+    code = main(["chat", "--url", "127.0.0.1:1", "--retries", "0", "--timeout", "5"], stdin=io.StringIO("hello\nagain\n"),
+                stdout=io.StringIO(), stderr=err)
+    assert code == 4, err.getvalue()
