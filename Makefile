@@ -40,4 +40,4 @@ soak: $(STAMP)
 	$(BIN)/python -m tests.reliability.soak
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-aiperf .pytest_cache .hypothesis
