@@ -46,4 +46,4 @@ fuzz: $(STAMP)
 	$(BIN)/python -m tests.reliability.fuzz --minutes $(FUZZ_MINUTES)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-aiperf .pytest_cache .hypothesis

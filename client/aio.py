@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
@@ -41,6 +41,9 @@ from .types import (
     StreamChunk,
     Timeout,
 )
+
+if TYPE_CHECKING:  # typing.Self is new in 3.11; NVIDIA's Triton 24.10 image runs Python 3.10
+    from typing_extensions import Self
 
 __all__ = ["AsyncGrpcClient", "AsyncHttpClient", "AsyncGrpcStream", "AsyncHttpStream"]
 

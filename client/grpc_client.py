@@ -45,6 +45,7 @@ _DTYPES = {
     "text_input": ("BYTES", np.object_),
     "stop_words": ("BYTES", np.object_),
     "max_tokens": ("INT32", np.int32),
+    "min_tokens": ("INT32", np.int32),
     "top_k": ("INT32", np.int32),
     "temperature": ("FP32", np.float32),
     "top_p": ("FP32", np.float32),

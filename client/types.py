@@ -62,6 +62,7 @@ class GenerationRequest:
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     max_tokens: int | None = None
+    min_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -103,6 +104,7 @@ class GenerationRequest:
         values: dict[str, Any] = {"text_input": self.text_input, "stream": stream}
         optional = {
             "max_tokens": self.max_tokens,
+            "min_tokens": self.min_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,

@@ -16,6 +16,7 @@ import urllib.request
 EPILOG = """examples:
   dsv4-health                                   # HTTP on 127.0.0.1:8000
   dsv4-health --url http://10.0.0.7:8000 --timeout 5
+  dsv4-health --openai-url http://127.0.0.1:9000   # and the OpenAI API in front of it answers
 Kubernetes:
   livenessProbe:  {exec: {command: [dsv4-health, --timeout, "5"]}, periodSeconds: 10, failureThreshold: 3}
   readinessProbe: {exec: {command: [dsv4-health, --timeout, "5"]}, periodSeconds: 5}
@@ -40,15 +41,31 @@ def probe(url: str, timeout: float, model: str = "dsv4") -> tuple[bool, str]:
     return True, f"ok: one token in {elapsed * 1000:.0f} ms"
 
 
+def probe_openai(url: str, timeout: float) -> tuple[bool, str]:
+    """dsv4-openai's /health: it answers and reaches a ready Triton."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        return False, f"OpenAI API: HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}"
+    except (urllib.error.URLError, OSError) as exc:
+        return False, f"OpenAI API: no answer within {timeout:.1f}s: {exc}"
+    return True, "OpenAI API ok"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsv4-health", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP endpoint")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds before the probe fails (default 5)")
     parser.add_argument("--model", default="dsv4")
+    parser.add_argument("--openai-url", default=None, help="also check dsv4-openai's /health at this URL")
     parser.add_argument("--quiet", action="store_true", help="print nothing when healthy")
     args = parser.parse_args(argv)
     ok, message = probe(args.url, args.timeout, args.model)
+    if ok and args.openai_url:
+        ok, openai_message = probe_openai(args.openai_url, args.timeout)
+        message = f"{message}; {openai_message}"
     if not ok or not args.quiet:
         print(f"dsv4-health: {message}", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1

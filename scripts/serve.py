@@ -12,14 +12,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsv4.scripts.openai_frontend import OpenAIFrontend
 from dsv4.scripts.triton_launcher import (
-    LaunchError, RunningServer, ServerOptions, TritonBundle, build_backend_dir, build_repository, start_server, wait_ready,
+    LaunchError, RunningServer, ServerOptions, TritonBundle, build_backend_dir, build_repository, port_free, start_server,
+    wait_ready,
 )
 
 EPILOG = """examples:
   dsv4-serve                                   # the tiny model on 127.0.0.1:8000/8001/8002
   dsv4-serve --model /data/flash-mini --device cuda --dtype bf16
   dsv4-serve --host 0.0.0.0 --api-key $KEY     # listen beyond loopback (admin APIs need the key)
+  dsv4-serve --openai-port 9000                # also the OpenAI API (dsv4-openai) on 127.0.0.1:9000
 
 exit codes: 0 stopped by SIGTERM/SIGINT after draining, 1 the server did not start or did not
 stop cleanly, 2 bad configuration (restarting will not help), 3 tritonserver died while serving.
@@ -114,6 +117,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None, help="key for the model-repository and shared-memory APIs (required beyond loopback; generated if omitted)")
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--workdir", type=Path, default=None, help="where the generated model repository and log go")
+    p.add_argument("--openai-port", type=int, default=None, help="also serve the OpenAI API (dsv4-openai) on this port (default: off)")
+    p.add_argument("--openai-api-key-file", type=Path, default=None,
+                   help="keys the OpenAI API accepts, one per line (beyond loopback: generated and printed if omitted)")
+    p.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="model name of the OpenAI API (repeatable; default dsv4)")
     return p.parse_args(argv)
 
 
@@ -145,6 +153,8 @@ def validate(args) -> Path:
                  "unary_instances"):
         if getattr(args, name) < 1:
             raise LaunchError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.openai_port is not None and not port_free(args.host, args.openai_port):
+        raise LaunchError(f"OpenAI port {args.openai_port} on {args.host} is already in use; choose another with --openai-port")
     return model_dir
 
 
@@ -192,19 +202,42 @@ def main(argv: list[str] | None = None) -> int:
         server.stop(5)
         print(f"dsv4-serve: the server did not come up: {exc}\n(log: {work / 'tritonserver.log'})", file=sys.stderr)
         return EXIT_FAILED
+    frontend = None
+    if args.openai_port is not None and not stop_signal:
+        try:
+            frontend = OpenAIFrontend.start(args, server.grpc_url)
+        except LaunchError as exc:
+            server.stop()
+            print(f"dsv4-serve: the OpenAI API did not come up: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     if not stop_signal:
         print(_banner(server, model_dir, waited, work), flush=True)
-    while server.alive() and not stop_signal:
+        if frontend is not None:
+            print(f"  OpenAI   {frontend.url}/v1   (dsv4-openai: /v1/models, /v1/completions, /v1/chat/completions)\n",
+                  flush=True)
+    while server.alive() and (frontend is None or frontend.alive()) and not stop_signal:
         time.sleep(0.2)
-    if not stop_signal:
+    frontend_died = frontend is not None and not stop_signal and not frontend.alive()
+    if not stop_signal and not frontend_died:
         code = server.proc.returncode
         cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         print(f"dsv4-serve: tritonserver died ({cause}) after {time.monotonic() - started:.0f}s; "
               f"its log: {work / 'tritonserver.log'}", file=sys.stderr, flush=True)
+        if frontend is not None:
+            frontend.stop(5)
         return EXIT_DIED
-    print("dsv4-serve: stopping: draining streams, then shutting the server down", file=sys.stderr, flush=True)
+    if stop_signal:
+        print("dsv4-serve: stopping: draining streams, then shutting the server down", file=sys.stderr, flush=True)
     stopping = time.monotonic()
+    if frontend is not None:
+        # no new OpenAI requests from here; the open ones end as decode drains them
+        frontend.begin_stop()
     code = server.stop()
+    if frontend is not None:
+        frontend.stop(args.exit_timeout + 15)
+        if frontend_died:
+            print(f"dsv4-serve: dsv4-openai exited (code {frontend.proc.returncode}); server stopped", file=sys.stderr)
+            return EXIT_FAILED
     clean = code == 0 or server.ended_held_by_streams
     print(f"dsv4-serve: {'drained and stopped' if clean else 'stopped, not cleanly,'} in {time.monotonic() - stopping:.1f}s "
           f"(tritonserver exit code {code}) after {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)

@@ -53,7 +53,8 @@ class TritonBundle:
         for what, path in (("tritonserver binary", server), ("Python backend", backend), (f"backend stub for Python {version}", stub)):
             if path is None or not path.exists():
                 raise LaunchError(f"{what} not found ({path}); install nvidia-pytriton==0.7.0 (make serve does)")
-        libs = root.parent.parent / "nvidia_pytriton.libs" if root else None
+        # the wheel's libraries serve the wheel's binary only: another server (TRITONSERVER) brings its own
+        libs = root.parent.parent / "nvidia_pytriton.libs" if root and "TRITONSERVER" not in env else None
         return cls(server, backend, stub, libs if libs and libs.is_dir() else None)
 
 

