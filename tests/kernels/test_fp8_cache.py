@@ -42,11 +42,13 @@ def test_quantized_cache_paths_agree_and_stay_close_to_float(model, kv_format):
     # across an e4m3 rounding boundary, which changes that element by one FP8 step
     assert rel_err(chunked, whole) < 1e-3
     assert rel_err(decoded, whole) < 1e-3
-    kernels = _run(model, kv_format, True, [23, 37], PROMPT, 10)
-    per_position = torch.tensor([rel_err(kernels[i : i + 1], whole[i : i + 1]) for i in range(whole.shape[0])])
+    # the interpreter is slow: the kernels take the first 29 positions (uneven chunks, then decode steps
+    # past a window, CSA blocks beyond the top-k and one HCA block), compared row by row with `whole`
+    kernels = _run(model, kv_format, True, [11, 14], PROMPT, 4)
+    per_position = torch.tensor([rel_err(kernels[i : i + 1], whole[i : i + 1]) for i in range(kernels.shape[0])])
     # the fused kernels round differently in the last float32 bit; where that moves an index key across
     # an FP4 boundary (a 25-50% step of that element), the top-k of one query can swap one entry (seen:
-    # 3 positions of 70 over 1e-3, one swap of entries scored 0.5% apart); elsewhere the paths agree closely
+    # 3 positions of 70 over 1e-3 in a longer run, one swap of entries scored 0.5% apart); elsewhere the paths agree closely
 
     off = int((per_position > 1e-3).sum())
     assert off <= (0 if kv_format == "fp8" else 4), f"{off} positions off: {per_position.tolist()}"

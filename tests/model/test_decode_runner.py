@@ -24,8 +24,9 @@ def model(tmp_path_factory):
 
 
 def _prefilled(model, lengths: list[int], kernels: bool):
+    # the prompts go in on the reference path (the kernel prefill has its own tests and is slow in
+    # the interpreter); `kernels` picks the path the decode steps take
     cache = PagedCache.for_requests(model.cfg, model.dtype, "cpu", len(lengths), 160)
-    cache.storage.use_kernels = kernels
     g = torch.Generator().manual_seed(9)
     seqs, firsts = [], []
     for i, n in enumerate(lengths):
@@ -33,6 +34,7 @@ def _prefilled(model, lengths: list[int], kernels: bool):
         logits = prefill_prompt(model, cache.storage, seq, torch.randint(0, 512, (n,), generator=g))
         seqs.append(seq)
         firsts.append(int(logits[-1].argmax()))
+    cache.storage.use_kernels = kernels
     return cache, seqs, firsts
 
 

@@ -16,7 +16,7 @@ from dsv4.scripts.triton_exit import shm_regions
 from .fuzz import MB, Target, passed, run
 from ..server_fixtures import start_serve
 
-FUZZ_SECONDS = 80
+FUZZ_SECONDS = 50
 EXIT_TIMEOUT = 30
 
 # a client that sends max_tokens as FP32 (Triton itself rejects it) and goes away without closing

@@ -65,7 +65,7 @@ class TritonPythonModel:
         self.ids = itertools.count(random.getrandbits(48) << 8)
         self.stopping = threading.Event()
         self._init_metrics()
-        self._reported_step = -1
+        self._reported = None
         self.sender = threading.Thread(target=self._send_loop, name="dsv4-decode-sender", daemon=True)
         seconds = self.engine.start()
         if seconds:
@@ -173,9 +173,14 @@ class TritonPythonModel:
         if self.stopping.is_set():
             return
         engine, m = self.engine, self.metrics
-        if engine.stats.steps == self._reported_step and not engine.timings:
-            return  # once per engine step at most: every update is an IPC round trip
-        self._reported_step = engine.stats.steps
+        # every update is an IPC round trip: only when something moved. The key is read before the
+        # values, so a change the engine makes while they are read moves the key for the next poll
+        # (a finish landing between two reads must not leave the gauges stale for good).
+        key = (engine.stats.steps, engine.stats.finished, engine.stats.cancelled, engine.held_requests(),
+               engine.waiting_requests())
+        if key == self._reported and not engine.timings:
+            return
+        self._reported = key
         m.total("vllm:prompt_tokens_total", engine.stats.prompt_tokens)
         m.total("vllm:generation_tokens_total", engine.stats.generation_tokens)
         m.total("dsv4_decode_steps_total", engine.stats.steps)
