@@ -79,7 +79,8 @@ def template_values(args, model_dir: Path) -> dict[str, str]:
         "max_batch": str(args.max_batch), "max_sequences": str(args.max_sequences), "max_waiting": str(args.max_waiting),
         "kv_cache_bytes": str(int(args.kv_cache_gib * (1 << 30))), "prefix_cache_bytes": str(int(args.prefix_cache_gib * (1 << 30))),
         "snapshot_interval": str(args.snapshot_interval), "decode_cpu_threads": str(args.decode_cpu_threads),
-        "prefill_cpu_threads": str(args.prefill_cpu_threads),
+        "prefill_cpu_threads": str(args.prefill_cpu_threads), "prefill_chunk": str(args.prefill_chunk),
+        "prefill_token_budget": str(args.prefill_token_budget), "prefill_max_prompts": str(args.prefill_max_prompts),
         "tokenizer_instances": str(args.tokenizer_instances), "unary_instances": str(args.unary_instances),
         "cuda_graphs": "no" if args.no_cuda_graphs else "yes",
     }
@@ -106,6 +107,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued for KV room before UNAVAILABLE")
     p.add_argument("--kv-cache-gib", type=float, default=0.5, help="decode's KV pool (requests reserve prompt + max_tokens)")
     p.add_argument("--prefix-cache-gib", type=float, default=0.25, help="prefill's pool: the running prompt plus cached prefixes")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="most tokens of one prompt per prefill step (default 8192 on cuda, 512 on cpu)")
+    p.add_argument("--prefill-token-budget", type=int, default=None,
+                   help="most prompt tokens per prefill step over all prompts run together (default 2x the chunk)")
+    p.add_argument("--prefill-max-prompts", type=int, default=8, help="most prompts prefilled together in one step")
     p.add_argument("--snapshot-interval", type=int, default=4, help="prefix-cache resume points every N 256-token blocks (besides each prompt's last block)")
     p.add_argument("--decode-cpu-threads", type=int, default=1, help="torch threads of the decode stage on --device cpu")
     p.add_argument("--prefill-cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -130,6 +136,9 @@ def device_defaults(args) -> None:
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.kv_format == "auto":
         args.kv_format = "fp8" if args.device == "cuda" else "float"
+    # a GPU prefill pass is launch-bound below a few thousand tokens; a CPU one is compute-bound
+    args.prefill_chunk = args.prefill_chunk or (8192 if args.device == "cuda" else 512)
+    args.prefill_token_budget = args.prefill_token_budget or 2 * args.prefill_chunk
 
 
 def validate(args) -> Path:
@@ -150,9 +159,11 @@ def validate(args) -> Path:
         raise LaunchError(f"--kv-format {args.kv_format} needs head_dim - rope_dim >= 64 (this model: {cfg.head_dim - cfg.rope_dim})")
     args.max_model_len = min(args.max_model_len, cfg.max_position_embeddings)
     for name in ("max_model_len", "max_tokens_limit", "max_batch", "max_sequences", "max_waiting", "tokenizer_instances",
-                 "unary_instances"):
+                 "unary_instances", "prefill_chunk", "prefill_token_budget", "prefill_max_prompts"):
         if getattr(args, name) < 1:
             raise LaunchError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.prefill_token_budget < args.prefill_chunk:
+        raise LaunchError(f"--prefill-token-budget ({args.prefill_token_budget}) must be >= --prefill-chunk ({args.prefill_chunk})")
     if args.openai_port is not None and not port_free(args.host, args.openai_port):
         raise LaunchError(f"OpenAI port {args.openai_port} on {args.host} is already in use; choose another with --openai-port")
     return model_dir

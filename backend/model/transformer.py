@@ -1,8 +1,8 @@
 """The V4 decoder: embedding -> n_hc streams -> blocks (attention and MoE sites, each wrapped in mHC)
 -> hyper-head -> norm -> head. Parameter names follow the release (`layers.0.attn.wq_a.weight`, ...).
 
-`prefill` advances one request by a chunk of any length from its current position; `decode`
-advances B requests by one token each. Neither allocates cache blocks: the caller reserves
+`prefill` advances one request by a chunk of any length from its current position, `prefill_batch`
+several requests by a chunk each in one pass; `decode` advances B requests by one token each. Neither allocates cache blocks: the caller reserves
 them (see `kv_cache`), so the forward never fails half-way for lack of memory.
 
 Two paths share the weights: the PyTorch reference (CPU, the oracle) and the kernel path (a CUDA
@@ -142,12 +142,33 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def prefill(self, token_ids: torch.Tensor, seq: SequenceState, kv_store: KVStorage, all_logits: bool = False) -> torch.Tensor:
         """Run tokens seq.position .. +S-1 of one request; returns logits [S, V] or [1, V] (last)."""
+        return self.prefill_batch([(token_ids, seq)], kv_store, all_logits)
+
+    @torch.inference_mode()
+    def prefill_batch(self, chunks: list[tuple[torch.Tensor, SequenceState]], kv_store: KVStorage,
+                      all_logits: bool = False) -> torch.Tensor:
+        """One chunk of each of several requests in one pass: the token-wise work (mHC, MoE, head) runs
+        over all their tokens at once, attention per request from its own position. Returns each
+        request's last logits [R, V] (or every position's, concatenated, when `all_logits`)."""
+        if not chunks or any(t.shape[0] == 0 for t, _ in chunks):
+            raise ValueError("prefill_batch needs at least one request and no empty chunk")
         kernels = kv_store.use_kernels
         prefill_attn = kernel_path.prefill if kernels else Attention.prefill
-        streams, flat = self._run_blocks(token_ids, lambda a, x: prefill_attn(a, x, seq, kv_store), kernels)
-        seq.position += token_ids.shape[0]
+        lengths = [t.shape[0] for t, _ in chunks]
+        token_ids = chunks[0][0] if len(chunks) == 1 else torch.cat([t for t, _ in chunks])
+
+        def attend(a, x):
+            if len(chunks) == 1:
+                return prefill_attn(a, x, chunks[0][1], kv_store)
+            parts = x.split(lengths)
+            return torch.cat([prefill_attn(a, part, seq, kv_store) for part, (_, seq) in zip(parts, chunks)])
+
+        streams, flat = self._run_blocks(token_ids, attend, kernels)
+        for (_, seq), n in zip(chunks, lengths):
+            seq.position += n
         if not all_logits:
-            streams, flat = streams[-1:], flat[-1:] if flat is not None else None
+            last = torch.tensor(lengths, device=token_ids.device).cumsum(0) - 1
+            streams, flat = streams[last], flat[last] if flat is not None else None
         return self._logits(streams, flat, kernels)
 
     @torch.inference_mode()

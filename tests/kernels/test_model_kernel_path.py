@@ -32,9 +32,11 @@ def _run(model, use_kernels: bool, prompts: list[torch.Tensor], chunks: list[int
 def test_kernel_path_equals_reference_path(tmp_path):
     model = load_model(save_hf(build_hf(CONFIG_A, seed=2), tmp_path / "m"), progress=False)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 512, (60,), generator=g) for _ in range(2)]
-    chunks = [[20, 17], [5, 30]]  # neither a multiple of the window, of 4 or of the HCA rate 16
-    reference = _run(model, False, prompts, chunks, steps=6)
-    kernels = _run(model, True, prompts, chunks, steps=6)
+    prompts = [torch.randint(0, 512, (40,), generator=g) for _ in range(2)]
+    # neither a multiple of the window, of 4 or of the HCA rate 16; the decode steps run past the
+    # window, the CSA top-k (3 of 5 blocks) and the first HCA block (the interpreter is slow)
+    chunks = [[11, 9], [5, 14]]
+    reference = _run(model, False, prompts, chunks, steps=3)
+    kernels = _run(model, True, prompts, chunks, steps=3)
     assert torch.isfinite(kernels).all()
     assert rel_err(kernels, reference) < 1e-4

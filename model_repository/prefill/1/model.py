@@ -1,16 +1,34 @@
-"""Triton adapter for the prefill stage; the cache state leaves as tensors on the model's device."""
+"""Triton adapter for the prefill stage (decoupled); the cache state leaves as tensors on the model's device.
+
+Threads: Triton calls `execute`, which only hands prompts to the engine loop (in `dsv4.backend`),
+which prefills those waiting together; this file's sender thread does the IPC of the answers
+(one response per request, then FINAL) and the metrics.
+"""
+
+import itertools
+import os
+import queue
+import threading
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from dsv4.backend.generate import PrefillCancelled
+from dsv4.backend.serving.prefill_engine import PrefillEngine, PrefillSettings
+from dsv4.backend.serving.prefill_stage import PrefillStage
 from dsv4.backend.serving.request import RequestConfig
-from dsv4.backend.serving.stages import PrefillStage, serving_limits
+from dsv4.backend.serving.stages import serving_limits
 from dsv4.backend.serving.triton_io import (
     KV_METRICS, MetricSet, compute_dtype, error_response, instance_device, model_parameters, report_kv_usage,
+    watch_parent,
 )
 
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+POLL_S = 0.1
+BUCKETS = {
+    "dsv4_prefill_step_prompts": [1, 2, 4, 8, 16, 32, 64],
+    "dsv4_prefill_step_tokens": [64, 256, 1024, 4096, 16384, 65536],
+}
 
 
 def _device_tensor(name, t):
@@ -32,38 +50,96 @@ class TritonPythonModel:
             "dsv4_prefix_cache_hit_tokens_total": ("counter", "Prompt tokens taken from the prefix cache"),
             "dsv4_prefill_prompt_tokens_total": ("counter", "Prompt tokens received by prefill"),
             "dsv4_prefill_computed_tokens_total": ("counter", "Prompt tokens prefill actually ran"),
+            "dsv4_prefill_steps_total": ("counter", "Batched prefill passes through the model"),
+            "dsv4_prefill_step_prompts": ("histogram", "Prompts advanced together in one prefill pass"),
+            "dsv4_prefill_step_tokens": ("histogram", "Prompt tokens run in one prefill pass"),
+            "dsv4_prefill_requests": ("gauge", "Prompts in prefill, running or waiting"),
             **KV_METRICS,
-        })
-        self.stage = PrefillStage(params["model_dir"], device, compute_dtype(params), limits.max_model_len,
-                                  int(params["prefix_cache_bytes"]), snapshot_interval=int(params["snapshot_interval"]),
-                                  kv_format=params["kv_format"])
+        }, BUCKETS)
+        max_prompts = int(params["max_prompts"])
+        stage = PrefillStage(params["model_dir"], device, compute_dtype(params), limits.max_model_len,
+                             int(params["prefix_cache_bytes"]), snapshot_interval=int(params["snapshot_interval"]),
+                             kv_format=params["kv_format"], max_prompts=max_prompts)
+        settings = PrefillSettings(chunk=int(params["chunk"]), token_budget=int(params["token_budget"]),
+                                   max_prompts=max_prompts)
+        if device != "cpu":  # compile and autotune before "ready", not on the first request
+            seconds = stage.warm_up(settings.chunk)
+            pb_utils.Logger.log_info(f"prefill: kernels warmed up in {seconds:.1f} s")
+        self.engine = PrefillEngine(stage, settings, self._sink)
+        self.outbox = queue.Queue()
+        self.senders = {}
+        self.ids = itertools.count()
+        self.stopping = threading.Event()
+        self.sender = threading.Thread(target=self._send_loop, name="dsv4-prefill-sender", daemon=True)
+        self.engine.start()
+        self.sender.start()
+        self.watchdog = watch_parent(os.getppid(), os.getpid())
 
     def execute(self, requests):
-        responses = []
         for request in requests:
+            sender = request.get_response_sender()
             try:
-                ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+                ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().copy()
                 raw = pb_utils.get_input_tensor_by_name(request, "request_config").as_numpy().reshape(-1)[0]
-                token, header, payload = self.stage.run(ids, RequestConfig.from_json(raw), request.is_cancelled)
-            except PrefillCancelled as exc:
-                responses.append(error_response(pb_utils, "CANCELLED", f"prefill {exc}"))
+                config = RequestConfig.from_json(raw)
+            except Exception as exc:
+                sender.send(error_response(pb_utils, "INTERNAL", f"prefill could not read its inputs: {exc}"), flags=FINAL)
                 continue
-            except Exception as exc:  # one failed prompt must not take the stage down
-                responses.append(error_response(pb_utils, "INTERNAL", f"prefill failed: {exc}"))
-                continue
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("first_token", np.array([token], dtype=np.int32)),
-                pb_utils.Tensor("kv_header", header.to_tensor().numpy()),
-                _device_tensor("kv_state", payload),
-            ]))
-        self._report()
-        return responses
+            rid = next(self.ids)
+            self.senders[rid] = (sender, raw)
+            self.engine.submit(rid, ids, config, sender.is_cancelled)
+        return None
+
+    def _sink(self, rid, result, error):
+        self.outbox.put((rid, result, error))
+
+    def _send_loop(self):
+        while not (self.stopping.is_set() and self.outbox.empty()):
+            try:
+                rid, result, error = self.outbox.get(timeout=POLL_S)
+                self._send(rid, result, error)
+            except queue.Empty:
+                pass
+            self._report()
+
+    def _send(self, rid, result, error):
+        sender, raw_config = self.senders.pop(rid, (None, None))
+        if sender is None:
+            return
+        if error is not None:
+            response = error_response(pb_utils, *error)
+        else:
+            response = pb_utils.InferenceResponse([
+                pb_utils.Tensor("first_token", np.array([result.first_token], dtype=np.int32)),
+                pb_utils.Tensor("kv_header", result.header.to_tensor().numpy()),
+                _device_tensor("kv_state", result.payload),
+                pb_utils.Tensor("request_config_out", np.array([raw_config], dtype=np.object_)),
+            ])
+        try:
+            sender.send(response, flags=FINAL)
+        except Exception as exc:  # the client is gone; nothing holds blocks any more
+            pb_utils.Logger.log_warn(f"prefill: could not answer request {rid}: {exc}")
 
     def _report(self):
-        m, manager, stats = self.metrics, self.stage.cache.manager, self.stage.stats
+        if self.stopping.is_set():
+            return
+        engine, m = self.engine, self.metrics
+        manager, stats = engine.stage.cache.manager, engine.stage.stats
         m.total("dsv4_prefix_cache_hits_total", manager.prefix_hits)
         m.total("dsv4_prefix_cache_misses_total", manager.prefix_misses)
         m.total("dsv4_prefix_cache_hit_tokens_total", manager.prefix_hit_tokens)
         m.total("dsv4_prefill_prompt_tokens_total", stats.prompt_tokens)
         m.total("dsv4_prefill_computed_tokens_total", stats.computed_tokens)
+        m.total("dsv4_prefill_steps_total", stats.steps)
+        m.set("dsv4_prefill_requests", engine.held_requests())
+        while engine.step_sizes:
+            prompts, tokens = engine.step_sizes.popleft()
+            m.observe("dsv4_prefill_step_prompts", prompts)
+            m.observe("dsv4_prefill_step_tokens", tokens)
         report_kv_usage(m, "prefill", manager.usage())
+
+    def finalize(self):
+        self.engine.stop()
+        self.stopping.set()
+        self.sender.join(timeout=10)
+        self.watchdog.terminate()

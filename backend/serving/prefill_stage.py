@@ -1,0 +1,170 @@
+"""The prefill stage's compute: its own model copy and prefix-cached pages, prompts begun, advanced a
+chunk at a time (several in one pass) and exported for decode. Scheduling is `prefill_engine`'s."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint.loader import load_model
+from ..generate import PREFILL_CHUNK, PrefillCancelled, eos_ids_tensor, sample_tokens
+from ..kv_cache.layout import BLOCK_TOKENS
+from ..kv_cache.manager import chain_hashes, snapshot_boundaries
+from ..kv_cache.paged_cache import PagedCache
+from ..kv_cache.storage import SequenceState
+from .handoff import StateHeader, export_state
+from .request import RequestConfig
+
+
+@dataclass
+class PrefillStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    computed_tokens: int = 0  # prompt tokens actually run (the rest came from the prefix cache)
+    steps: int = 0  # batched passes through the model
+
+
+@dataclass
+class PrefillJob:
+    """One prompt on its way through prefill: its cache reservation and where its chunks must end."""
+
+    key: str  # the request's name in the prefill cache
+    ids: list[int]
+    config: RequestConfig
+    hashes: list[int]
+    seq: SequenceState
+    prompt: torch.Tensor  # the ids on the model's device
+    stops: list[int]  # positions a chunk must end at: the cache points past the start, then len(ids)
+    steps: int = 0  # chunks run so far
+
+    @property
+    def done(self) -> bool:
+        return self.seq.position >= len(self.ids)
+
+    def next_end(self, chunk: int) -> int:
+        """Where this job's next chunk ends: `chunk` tokens on, or the next cache point if sooner
+        (the in-process chunking: `prefill_prompt` from each cache point)."""
+        stop = next(s for s in self.stops if s > self.seq.position)
+        return min(self.seq.position + chunk, stop)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    header: StateHeader
+    payload: torch.Tensor  # on the model's device
+
+
+class PrefillStage:
+    """Runs prompts through its own model copy, several at a time, and exports each request's cache state.
+
+    Prefix caching: full 256-token blocks of every prompt stay cached (LRU) after the request
+    leaves; the window ring and compressor state are kept at cache points (the last block
+    boundary of each prompt, and every `snapshot_interval` blocks), so a later prompt with the
+    same prefix resumes at that boundary with exactly the state a cold run had there.
+    `begin` reserves a prompt's blocks, `step` runs one chunk of each of several prompts in one
+    pass (`PrefillEngine` decides which), `abort` frees a prompt that will not finish.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str, dtype: torch.dtype, max_model_len: int,
+                 cache_bytes: int, snapshot_slots: int = 64, snapshot_interval: int = 0, kv_format: str = "float",
+                 max_prompts: int = 1):
+        self.model = load_model(model_dir, dtype=dtype, device=device, progress=False)
+        self.cache = PagedCache.from_budget(self.model.cfg, dtype, device, cache_bytes, max_model_len,
+                                            max_num_seqs=max_prompts, snapshots=snapshot_slots, kv_format=kv_format)
+        self.snapshot_interval, self.kv_format = snapshot_interval, kv_format
+        self.eos = eos_ids_tensor(self.model.cfg.eos_token_ids, self.model.device)
+        self.stats = PrefillStats()
+        self._ids = 0
+
+    def begin(self, input_ids: np.ndarray | list[int], config: RequestConfig) -> PrefillJob | None:
+        """Reserve the prompt's blocks (resuming at a cached prefix); None while the cache is too full."""
+        ids = [int(t) for t in np.asarray(input_ids).reshape(-1)]
+        if not ids:
+            raise ValueError("prefill needs at least one prompt token")
+        hashes = chain_hashes(ids)
+        if not self.cache.can_admit(len(ids), hashes, prompt_len=len(ids)):
+            return None
+        self._ids += 1
+        key = f"prefill-{self._ids}"
+        seq = self.cache.admit(key, len(ids), hashes, prompt_len=len(ids))
+        start = seq.position
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(ids)
+        self.stats.computed_tokens += len(ids) - start
+        stops = [b * BLOCK_TOKENS for b in snapshot_boundaries(len(ids), self.snapshot_interval) if b * BLOCK_TOKENS > start]
+        prompt = torch.as_tensor(ids, dtype=torch.long, device=self.model.device)
+        return PrefillJob(key, ids, config, hashes, seq, prompt, [*stops, len(ids)])
+
+    def step(self, plan: list[tuple[PrefillJob, int]]) -> list[tuple[PrefillJob, PrefillResult]]:
+        """Advance each planned job to its end position in one pass; the finished ones are exported,
+        released and returned with their first token. On an exception nothing is released: the
+        caller aborts the plan's jobs."""
+        chunks = [(job.prompt[job.seq.position:end], job.seq) for job, end in plan]
+        logits = self.model.prefill_batch(chunks, self.cache.storage)
+        self.stats.steps += 1
+        finished = []
+        for i, (job, end) in enumerate(plan):
+            job.steps += 1
+            if job.done:
+                finished.append((job, logits[i]))
+            elif end in job.stops:  # a cache point: keep the ring and compressor state there
+                self.cache.save_snapshot(job.key, job.hashes)
+        if not finished:
+            return []
+        configs = [job.config for job, _ in finished]
+        tokens = sample_tokens(torch.stack([row for _, row in finished]), [c.sampling() for c in configs],
+                               [c.seed for c in configs], [0] * len(configs), [c.min_tokens for c in configs],
+                               self.eos).tolist()
+        out = []
+        for (job, _), token in zip(finished, tokens):
+            self.cache.publish(job.key, job.hashes)
+            header, payload = export_state(self.cache.storage, job.seq)
+            self.abort(job)
+            out.append((job, PrefillResult(int(token), header, payload)))
+        if self.model.device.type == "cuda":  # the payloads leave on other threads and processes
+            torch.cuda.current_stream(self.model.device).synchronize()
+        return out
+
+    def abort(self, job: PrefillJob) -> None:
+        if job.key in self.cache.seqs:
+            self.cache.release(job.key)
+
+    def warm_up(self, chunk: int) -> float:
+        """Run the shapes serving will use (one whole chunk; two ragged prompts in one pass; the first
+        token's sampling) on a throwaway cache, so the kernels are compiled and autotuned before the
+        server reports ready. Returns the seconds taken."""
+        start = time.perf_counter()
+        cfg, device = self.model.cfg, self.model.device
+        g = torch.Generator().manual_seed(0)
+        for group in ([chunk], [chunk // 2 + 3, 1]):
+            cache = PagedCache.for_requests(cfg, self.model.dtype, device, len(group), max(group) + 1, kv_format=self.kv_format)
+            chunks = [(torch.randint(0, cfg.vocab_size, (n,), generator=g).to(device), cache.admit(str(i), n + 1))
+                      for i, n in enumerate(group)]
+            logits = self.model.prefill_batch(chunks, cache.storage)
+            sample_tokens(logits, [RequestConfig(max_tokens=1).sampling()] * len(group), list(range(len(group))),
+                          [0] * len(group), [0] * len(group), self.eos)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    def run(self, input_ids: np.ndarray | list[int], config: RequestConfig, chunk: int = PREFILL_CHUNK,
+            should_stop: Callable[[], bool] | None = None) -> PrefillResult:
+        """One prompt alone, start to end (what the engine does with a batch of one)."""
+        job = self.begin(input_ids, config)
+        if job is None:
+            raise RuntimeError("the prefill cache cannot hold this prompt now")
+        try:
+            while True:
+                if should_stop is not None and job.steps and should_stop():
+                    raise PrefillCancelled(f"cancelled after {job.seq.position} of {len(job.ids)} prompt tokens")
+                done = self.step([(job, job.next_end(chunk))])
+                if done:
+                    return done[0][1]
+        finally:
+            self.abort(job)
