@@ -112,7 +112,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill-token-budget", type=int, default=None,
                    help="most prompt tokens per prefill step over all prompts run together (default 2x the chunk)")
     p.add_argument("--prefill-max-prompts", type=int, default=8, help="most prompts prefilled together in one step")
-    p.add_argument("--snapshot-interval", type=int, default=4, help="prefix-cache resume points every N 256-token blocks (besides each prompt's last block)")
+    p.add_argument("--snapshot-interval", type=int, default=None,
+                   help="prefix-cache resume points every N 256-token blocks, besides each prompt's last block "
+                        "(default: every prefill chunk, at least every 4 blocks)")
     p.add_argument("--decode-cpu-threads", type=int, default=1, help="torch threads of the decode stage on --device cpu")
     p.add_argument("--prefill-cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="torch threads of the prefill stage on --device cpu (default: all cores but one, left to decode)")
@@ -139,6 +141,11 @@ def device_defaults(args) -> None:
     # a GPU prefill pass is launch-bound below a few thousand tokens; a CPU one is compute-bound
     args.prefill_chunk = args.prefill_chunk or (8192 if args.device == "cuda" else 512)
     args.prefill_token_budget = args.prefill_token_budget or 2 * args.prefill_chunk
+    # a resume point ends a chunk there: keep them on chunk boundaries so they cost no extra pass
+    if args.snapshot_interval is None:
+        from dsv4.backend.kv_cache.layout import BLOCK_TOKENS
+
+        args.snapshot_interval = max(4, args.prefill_chunk // BLOCK_TOKENS)
 
 
 def validate(args) -> Path:
