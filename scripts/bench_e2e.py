@@ -131,8 +131,8 @@ def weight_read_bytes(model) -> int:
     return int(total)
 
 
-def _served_throughput(url: str, prompts: list[str], tokens: int) -> tuple[float, float]:
-    """Concurrent streams: (tokens/s over the window in which all were decoding, median TTFT s)."""
+def _served_throughput(url: str, prompts: list[str], tokens: int) -> tuple[float, list[float]]:
+    """Concurrent streams: (tokens/s over the window in which all were decoding, each TTFT s, sorted)."""
     from dsv4.scripts.bench_serving import stream_arrivals
 
     results: list = [None] * len(prompts)
@@ -151,7 +151,7 @@ def _served_throughput(url: str, prompts: list[str], tokens: int) -> tuple[float
     hi = min(arr[-1][0] for _, arr in results)
     ttfts = sorted(arr[0][0] - sent for sent, arr in results)
     counted = sum(n for _, arr in results for at, n in arr if lo < at <= hi)
-    return (counted / (hi - lo) if hi > lo else float("nan")), ttfts[len(ttfts) // 2]
+    return (counted / (hi - lo) if hi > lo else float("nan")), ttfts
 
 
 def _server_args(args, layout, lengths: list[int]) -> list[str]:
@@ -180,7 +180,8 @@ def measure_served(args, codec, layout) -> tuple[dict, dict, float]:
     finally:
         serve.terminate()
         serve.wait(180)
-    return ttft, {"tokens_per_s": throughput[0], "ttft_s": throughput[1]}, start_s
+    ttfts = throughput[1]
+    return ttft, {"tokens_per_s": throughput[0], "ttft_s": ttfts[len(ttfts) // 2], "ttfts_s": ttfts}, start_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         share = served / inproc if isinstance(inproc, float) else None
         print(f"\nbatch {args.triton_batch} at {args.triton_context} tokens: in-process {_fmt(inproc, '.0f')} tok/s, "
               f"via Triton {_fmt(served, '.0f')} tok/s ({_fmt(share, '.2f')} of in-process); "
-              f"median TTFT under that load {served_tp['ttft_s'] * 1e3:.0f} ms")
+              f"median TTFT under that load {served_tp['ttft_s'] * 1e3:.0f} ms; first tokens at "
+              + ", ".join(f"{t:.2f}" for t in served_tp["ttfts_s"]) + " s")
 
     print("\n| context | handoff bytes | export (ms) | import (ms) |")
     print("|---:|---:|---:|---:|")
@@ -333,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             "served": [{"streams": args.triton_batch, "prompt_tokens": args.triton_context,
                         "inproc_tok_s": _num(inproc_tp["tokens_per_s"]) if inproc_tp else None,
                         "triton_tok_s": _num(served_tp["tokens_per_s"]),
-                        "median_ttft_ms": _num(served_tp["ttft_s"], 1e3)}] if served_tp else [],
+                        "median_ttft_ms": _num(served_tp["ttft_s"], 1e3),
+                        "ttfts_ms": [_num(t, 1e3) for t in served_tp["ttfts_s"]]}] if served_tp else [],
             "handoff": [{"context": n, **h} for n, h in handoffs.items()],
             "longest": longest,
         }
