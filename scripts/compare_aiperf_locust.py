@@ -101,8 +101,9 @@ def measured(run, metrics_url: str) -> dict:
     after, cpu_after = histogram_sums(metrics_url), resource.getrusage(resource.RUSAGE_CHILDREN)
 
     def mean_ms(name: str) -> float | None:
-        count = after[f"{name}_count"] - before[f"{name}_count"]
-        return 1000 * (after[f"{name}_sum"] - before[f"{name}_sum"]) / count if count else None
+        # a histogram nothing was observed in yet is not exported at all (a fresh server)
+        count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+        return 1000 * (after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) / count if count else None
 
     result["server"] = {"ttft": mean_ms("vllm:time_to_first_token_seconds"),
                         "itl": mean_ms("vllm:time_per_output_token_seconds")}
