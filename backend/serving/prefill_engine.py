@@ -23,15 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .decode_engine import SHUTDOWN_MESSAGE, EngineError
 from .prefill_stage import PrefillJob, PrefillResult, PrefillStage
 from .request import RequestConfig
 
 log = logging.getLogger(__name__)
 
 NO_ROOM_MESSAGE = "server is full: the prefill queue is at its limit; try again later"
-SHUTDOWN_MESSAGE = "server is shutting down; try again later"
 TOO_BIG_MESSAGE = "the prompt needs more KV cache than the prefill pool holds (raise --prefix-cache-gib)"
-EngineError = tuple[str, str]  # (Triton error code name, message)
 Sink = Callable[[int, PrefillResult | None, EngineError | None], None]
 
 

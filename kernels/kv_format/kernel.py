@@ -59,6 +59,14 @@ def bf16_rne(x):
 
 
 @triton.jit
+def round_bf16(x, ROUND_BF16: tl.constexpr):
+    """Float32 `x` rounded where the bf16 reference rounds (a no-op for a float32 model)."""
+    if ROUND_BF16:
+        x = bf16_rne(x).to(tl.float32)
+    return x
+
+
+@triton.jit
 def e2m1_encode(y):
     """Float32 `y` (already divided by its scale) -> e2m1 code 0..15 (bit 3 = sign), nearest, ties to even code."""
     sign = ((y.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.uint8)

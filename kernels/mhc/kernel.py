@@ -15,14 +15,7 @@ import triton
 import triton.language as tl
 
 from ..common import check_contiguous, check_dtype, next_pow2
-from ..kv_format.kernel import bf16_rne
-
-
-@triton.jit
-def _round(x, ROUND_BF16: tl.constexpr):
-    if ROUND_BF16:
-        x = bf16_rne(x).to(tl.float32)
-    return x
+from ..kv_format.kernel import round_bf16
 
 
 @triton.jit
@@ -61,14 +54,14 @@ def hc_pre_kernel(
     for start in range(0, d, BLOCK_D):
         cols = start + o_d
         s = tl.load(s_row + o_k[:, None] * d + cols[None, :], mask=(cols < d)[None, :], other=0.0).to(tl.float32)
-        x = _round(tl.sum(pre[:, None] * s, 0), ROUND_BF16)
+        x = round_bf16(tl.sum(pre[:, None] * s, 0), ROUND_BF16)
         sq += x * x
     rr = tl.math.rsqrt(tl.sum(sq, 0) / d + norm_eps)
     for start in range(0, d, BLOCK_D):
         cols = start + o_d
         m_d = cols < d
         s = tl.load(s_row + o_k[:, None] * d + cols[None, :], mask=m_d[None, :], other=0.0).to(tl.float32)
-        x = _round(tl.sum(pre[:, None] * s, 0), ROUND_BF16)
+        x = round_bf16(tl.sum(pre[:, None] * s, 0), ROUND_BF16)
         y = tl.load(norm_w_ptr + cols, mask=m_d, other=0.0) * (x * rr)
         tl.store(x_ptr + i_t * d + cols, y.to(x_ptr.dtype.element_ty), mask=m_d)
 
@@ -85,10 +78,10 @@ def hc_post_kernel(
     s = tl.load(streams_ptr + i_t * N_HC * d + o_k[:, None] * d + cols[None, :], mask=m_d[None, :], other=0.0).to(tl.float32)
     y = tl.load(y_ptr + i_t * stride_y + cols, mask=m_d, other=0.0).to(tl.float32)
     for k in tl.static_range(N_HC):
-        ck = _round(tl.load(comb_ptr + i_t * N_HC * N_HC + o_k * N_HC + k), ROUND_BF16)  # comb[j, k] over j
-        pk = _round(tl.load(post_ptr + i_t * N_HC + k), ROUND_BF16)
-        mix = _round(tl.sum(ck[:, None] * s, 0), ROUND_BF16)
-        o = _round(_round(pk * y, ROUND_BF16) + mix, ROUND_BF16)
+        ck = round_bf16(tl.load(comb_ptr + i_t * N_HC * N_HC + o_k * N_HC + k), ROUND_BF16)  # comb[j, k] over j
+        pk = round_bf16(tl.load(post_ptr + i_t * N_HC + k), ROUND_BF16)
+        mix = round_bf16(tl.sum(ck[:, None] * s, 0), ROUND_BF16)
+        o = round_bf16(round_bf16(pk * y, ROUND_BF16) + mix, ROUND_BF16)
         tl.store(out_ptr + i_t * N_HC * d + k * d + cols, o.to(out_ptr.dtype.element_ty), mask=m_d)
         if FLAT:  # the next site's mixing GEMM reads the streams in float32
             tl.store(flat_ptr + i_t * N_HC * d + k * d + cols, o, mask=m_d)

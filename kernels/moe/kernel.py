@@ -13,14 +13,7 @@ import triton
 import triton.language as tl
 
 from ..common import cdiv, check_contiguous, check_dtype, next_pow2
-from ..kv_format.kernel import bf16_rne
-
-
-@triton.jit
-def _round(x, ROUND_BF16: tl.constexpr):
-    if ROUND_BF16:
-        x = bf16_rne(x).to(tl.float32)
-    return x
+from ..kv_format.kernel import round_bf16
 
 
 @triton.jit
@@ -88,7 +81,7 @@ def swiglu_kernel(h_ptr, out_ptr, inter, stride_h, limit, BLOCK: tl.constexpr, R
     g = tl.minimum(tl.load(h_ptr + i_m * stride_h + cols, mask=m, other=0.0).to(tl.float32), limit)
     u = tl.load(h_ptr + i_m * stride_h + inter + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.minimum(tl.maximum(u, -limit), limit)
-    a = _round(g * tl.sigmoid(g), ROUND_BF16) * u
+    a = round_bf16(g * tl.sigmoid(g), ROUND_BF16) * u
     tl.store(out_ptr + i_m * inter + cols, a.to(out_ptr.dtype.element_ty), mask=m)
 
 

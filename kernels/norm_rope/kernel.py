@@ -14,18 +14,11 @@ import triton
 import triton.language as tl
 
 from ..common import check_contiguous, check_dtype, next_pow2
-from ..kv_format.kernel import bf16_rne, quantize_main_store
+from ..kv_format.kernel import quantize_main_store, round_bf16
 from ..kv_format.layout import MainLayout
 
 NORM_NONE, NORM_HEAD, NORM_WEIGHTED = 0, 1, 2
 STORE_OUT, STORE_RING_FLOAT, STORE_RING_FP8 = 0, 1, 2
-
-
-@triton.jit
-def _round(x, ROUND_BF16: tl.constexpr):
-    if ROUND_BF16:
-        x = bf16_rne(x).to(tl.float32)
-    return x
 
 
 @triton.jit
@@ -40,10 +33,10 @@ def norm_rope_kernel(
     o_d = tl.arange(0, D)
     x = tl.load(x_ptr + i_t * stride_xt + i_h * stride_xh + o_d).to(tl.float32)
     if NORM == 1:
-        f = _round(tl.math.rsqrt(tl.sum(x * x, 0) / D + eps), ROUND_BF16)
-        x = _round(x * f, ROUND_BF16)
+        f = round_bf16(tl.math.rsqrt(tl.sum(x * x, 0) / D + eps), ROUND_BF16)
+        x = round_bf16(x * f, ROUND_BF16)
     elif NORM == 2:
-        x = _round(tl.load(w_ptr + o_d) * (x * tl.math.rsqrt(tl.sum(x * x, 0) / D + eps)), ROUND_BF16)
+        x = round_bf16(tl.load(w_ptr + o_d) * (x * tl.math.rsqrt(tl.sum(x * x, 0) / D + eps)), ROUND_BF16)
     pos = tl.load(pos_ptr + i_t)
     ev, od = tl.split(tl.reshape(x, [D // 2, 2]))
     o_p = tl.arange(0, D // 2)
@@ -52,8 +45,8 @@ def norm_rope_kernel(
     ang = pos.to(tl.float32) * freq
     c = tl.cos(ang)
     s = tl.sin(ang)
-    rot_ev = tl.where(o_p >= NOPE_PAIRS, _round(ev * c - od * s, ROUND_BF16), ev)
-    rot_od = tl.where(o_p >= NOPE_PAIRS, _round(od * c + ev * s, ROUND_BF16), od)
+    rot_ev = tl.where(o_p >= NOPE_PAIRS, round_bf16(ev * c - od * s, ROUND_BF16), ev)
+    rot_od = tl.where(o_p >= NOPE_PAIRS, round_bf16(od * c + ev * s, ROUND_BF16), od)
     y = tl.reshape(tl.join(rot_ev, rot_od), [D])
     if STORE == 0:
         tl.store(out_ptr + i_t * stride_ot + i_h * stride_oh + o_d, y.to(out_ptr.dtype.element_ty))
