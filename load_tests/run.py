@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="dsv4")
     parser.add_argument("--out", default=None, help="output directory (default runs/<scenario>-<time>)")
     parser.add_argument("--locust-arg", action="append", default=[], help="extra argument passed to locust")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="skip the PNG plots (no matplotlib here: run load_tests.report on the raw files elsewhere)")
     args = parser.parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if not raw_files:
         print("no samples were recorded", file=sys.stderr)
         return 1
-    summary = write_report(raw_files, out / "report", warmup_s=args.warmup_s)
+    summary = write_report(raw_files, out / "report", warmup_s=args.warmup_s, plots=not args.no_plots)
     print_table(summary, sys.stdout)
     print(f"report: {out / 'report'}")
     return 0

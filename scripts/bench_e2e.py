@@ -8,8 +8,10 @@ Sections: TTFT by prompt length; decode step by batch and context (with transfor
 batches given by --hf-batches), run as the served decode runs it (a CUDA graph per batch, device
 sampling) with the kernels one step launches and whether rows holding copies of one state give
 bitwise-equal logits; the same on a 4-layer shape with V4-Flash's 256 routed experts, its weights
-made on the GPU; Triton against in-process at one batch; the prefill -> decode handoff; KV bytes
-per token against dsv4-kv-report; the longest single sequence; the batch-1 weight-read floor.
+made on the GPU; served against in-process (scripts/e2e_served.py): the first request after start,
+each --served-streams configuration, one --served-long prompt and the running streams' inter-token
+latency while an --itl-long prompt prefills; the prefill -> decode handoff; KV bytes per token
+against dsv4-kv-report; the longest single sequence; the batch-1 weight-read floor.
 `--json` writes every figure (null where not measured) with the commit, date and GPU.
 """
 
@@ -19,25 +21,39 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import math
+import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
+from dsv4.scripts import e2e_served
 
 EPILOG = """examples:
   python scripts/bench_e2e.py --model /data/flash-mini            # the H200 run (defaults)
+  python scripts/bench_e2e.py --model /data/flash-mini --prompts 8192,32768 --served-long 1000000 \\
+      --longest 1000000 --itl-long 131072     # every served row, the long ones too
   python scripts/bench_e2e.py --model ~/.cache/dsv4-triton/tiny --device cpu --prompts 256,512 \\
-      --batches 1,4 --contexts 256 --handoff 512 --triton-batch 2 --triton-context 256 --longest 2048 --steps 4
+      --batches 1,4 --contexts 256 --handoff 512 --served-streams 2x256,3x128 --served-tokens 8 \\
+      --served-long 2048 --itl-long 1024 --longest 2048 --steps 4 --no-transformers
 """
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _streams(text: str) -> list[tuple[int, int]]:
+    """"8x2048,32x8192" -> [(8, 2048), (32, 8192)]: streams x prompt tokens."""
+    configs = []
+    for item in filter(None, text.split(",")):
+        streams, _, tokens = item.partition("x")
+        if not (streams.isdigit() and tokens.isdigit() and int(streams) > 0 and int(tokens) > 1):
+            raise argparse.ArgumentTypeError(f"{item!r} is not STREAMSxPROMPT_TOKENS, e.g. 8x2048")
+        configs.append((int(streams), int(tokens)))
+    return configs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,28 +62,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--kv-format", default="auto", choices=["auto", "float", "fp8", "fp8-fp4"],
                    help="our KV pages (auto: fp8 on cuda, float on cpu)")
-    p.add_argument("--prompts", default="8192,32768,131072", help="TTFT prompt lengths (tokens)")
-    p.add_argument("--batches", default="1,8,32,128", help="decode batch sizes")
-    p.add_argument("--contexts", default="8192,131072", help="decode contexts (tokens)")
-    p.add_argument("--hf-batches", default="1,8", help="batches also run on transformers")
+    p.add_argument("--prompts", type=_ints, default="8192,32768,131072",
+                   help="TTFT prompt lengths (tokens); the first also times the first request after start")
+    p.add_argument("--batches", type=_ints, default="1,8,32,128", help="decode batch sizes")
+    p.add_argument("--contexts", type=_ints, default="8192,131072", help="decode contexts (tokens)")
+    p.add_argument("--hf-batches", type=_ints, default="1,8", help="batches also run on transformers")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed (median)")
-    p.add_argument("--handoff", default="8192,131072", help="contexts whose handoff is measured")
-    p.add_argument("--triton-batch", type=int, default=32, help="concurrent streams for Triton vs in-process")
-    p.add_argument("--triton-context", type=int, default=8192, help="prompt tokens of those streams")
-    p.add_argument("--triton-tokens", type=int, default=128, help="tokens each of those streams generates")
+    p.add_argument("--handoff", type=_ints, default="8192,131072", help="contexts whose handoff is measured")
+    p.add_argument("--served-streams", type=_streams, default="8x2048,32x8192",
+                   help="concurrent Triton streams, STREAMSxPROMPT_TOKENS (comma list), each against in-process "
+                        "decode at that batch and context")
+    p.add_argument("--served-tokens", type=int, default=48, help="tokens each of those streams generates")
+    p.add_argument("--served-long", type=int, default=0,
+                   help=f"one prompt of this many tokens via Triton ({e2e_served.LONG_TOKENS_OUT} tokens out) against "
+                        "in-process prefill and decode at that context; the longest-sequence probe is that in-process "
+                        "side when --longest equals it (0: skip)")
+    p.add_argument("--itl-long", type=int, default=0,
+                   help=f"inter-token latency of {e2e_served.ITL_STREAMS} running streams while a prompt of this many "
+                        "tokens prefills, against theirs before it (0: skip)")
     p.add_argument("--longest", type=int, default=1048576, help="longest-sequence target (capped by the model's positions)")
     p.add_argument("--longest-fraction", type=float, default=0.85, help="share of free device memory for its KV pool")
     p.add_argument("--longest-time", type=float, default=300.0, help="seconds the probe may prefill")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the weight-read floor (H200: 4.8)")
     p.add_argument("--experts", type=int, default=256, help="routed experts of the in-process shape (0: skip it)")
-    p.add_argument("--experts-batches", default="1,128", help="decode batches of that shape")
+    p.add_argument("--experts-batches", type=_ints, default="1,128", help="decode batches of that shape")
     p.add_argument("--no-triton", action="store_true")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-longest", action="store_true", help="skip the longest-sequence probe")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds the whole run may take: transformers, the expert shape and the longest probe are "
-                        "skipped (reported as not measured) when too little is left for them")
+                   help="seconds the whole run may take: transformers, the expert shape, the longest probe and the "
+                        "--served-long / --itl-long parts are skipped (reported as not measured) when too little is "
+                        "left for them")
     return p
 
 
@@ -131,57 +157,115 @@ def weight_read_bytes(model) -> int:
     return int(total)
 
 
-def _served_throughput(url: str, prompts: list[str], tokens: int) -> tuple[float, list[float]]:
-    """Concurrent streams: (tokens/s over the window in which all were decoding, each TTFT s, sorted)."""
-    from dsv4.scripts.bench_serving import stream_arrivals
-
-    results: list = [None] * len(prompts)
-
-    def run(i: int) -> None:
-        results[i] = stream_arrivals(url, prompts[i], tokens)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if any(r is None for r in results):
-        raise RuntimeError("a stream failed; see the server log")
-    lo = max(arr[0][0] for _, arr in results)
-    hi = min(arr[-1][0] for _, arr in results)
-    ttfts = sorted(arr[0][0] - sent for sent, arr in results)
-    counted = sum(n for _, arr in results for at, n in arr if lo < at <= hi)
-    return (counted / (hi - lo) if hi > lo else float("nan")), ttfts
+def _unit(value, unit: str, spec: str = ".1f") -> str:
+    """A figure with its unit, or "-" where it was not measured."""
+    return "-" if value is None else f"{value:{spec}} {unit}"
 
 
-def _server_args(args, layout, lengths: list[int]) -> list[str]:
-    longest = max(lengths) + args.triton_tokens + 16
-    decode_bytes = layout.request_bytes(longest).total * max(args.triton_batch, 1) * 1.25
-    prefill_bytes = layout.request_bytes(longest).total * 3
-    return ["--max-model-len", str(longest), "--max-tokens-limit", str(args.triton_tokens),
-            "--max-sequences", str(max(args.triton_batch, 1)), "--max-batch", str(max(args.triton_batch, 1)),
-            "--kv-cache-gib", f"{decode_bytes / 2**30 + 0.25:.2f}", "--prefix-cache-gib", f"{prefill_bytes / 2**30 + 0.25:.2f}",
-            "--kv-format", args.kv_format]
+def _against(value_ms, steady_ms) -> str:
+    if value_ms is None:
+        return "-"
+    share = f" ({value_ms / steady_ms:.1f}x steady)" if steady_ms else ""
+    return f"{value_ms:.1f} ms{share}"
 
 
-def measure_served(args, codec, layout) -> tuple[dict, dict, float]:
-    """TTFT per prompt length and (tokens/s, median TTFT) of the concurrent streams, via Triton."""
-    from dsv4.scripts.bench_serving import _stream_timings, start_server, text_prompt
+def _streams_triton(r: dict) -> str:
+    if r["triton_tok_s"] is None:
+        return "-"
+    window = r["triton_all_decoding_tok_s"]
+    together = (f"all {r['streams']} decoding: {window:.0f} tok/s for {r['all_decoding_s']:.2f} s"
+                if window is not None else "never all decoding at once")
+    return (f"{r['triton_tok_s']:.0f} tok/s ({_fmt(r['ratio'], '.2f')}x in-process; {together}), "
+            f"median TTFT {_unit(r['median_ttft_ms'], 'ms', '.0f')}")
 
-    lengths = _ints(args.prompts)
-    serve, url, start_s = start_server(args.model, args.device, Path("runs/bench_e2e"),
-                                       _server_args(args, layout, lengths + [args.triton_context]))
-    try:
-        _stream_timings(url, "warm up", 4)
-        ttft = {n: _stream_timings(url, f"t{n} " + text_prompt(codec, n), 2)[0] for n in lengths}
-        shared = text_prompt(codec, args.triton_context)
-        prompts = [f"s{i} " + shared for i in range(args.triton_batch)]  # distinct first words: no prefix hits
-        throughput = _served_throughput(url, prompts, args.triton_tokens)
-    finally:
-        serve.terminate()
-        serve.wait(180)
-    ttfts = throughput[1]
-    return ttft, {"tokens_per_s": throughput[0], "ttft_s": ttfts[len(ttfts) // 2], "ttfts_s": ttfts}, start_s
+
+def _long_inproc(long: dict) -> str:
+    if long["inproc_prefill_s"] is None:
+        return "-"
+    short = long["inproc_tokens"] < long["prompt_tokens"]
+    reached = f" ({long['inproc_tokens']:,} tokens: {long['inproc_stopped']})" if short else ""
+    step = _unit(long["inproc_decode_step_ms"], "ms", ".2f")
+    return f"prefill {long['inproc_prefill_s']:.1f} s{reached}, step {step}"
+
+
+def _long_triton(long: dict) -> str:
+    if long["triton_ttft_ms"] is None:
+        return "-"
+    return f"TTFT {long['triton_ttft_ms'] / 1e3:.1f} s, {_unit(long['triton_decode_ms_per_token'], 'ms/token', '.2f')}"
+
+
+def _itl_triton(itl: dict | None) -> str:
+    if itl is None:
+        return "-"
+    return (f"{_unit(itl['during_p99_ms'], 'ms')} against {_unit(itl['baseline_p99_ms'], 'ms')} "
+            f"({_fmt(itl['ratio_p99'], '.2f')}x)")
+
+
+def served_rows(args, served: dict, stream_decode: dict) -> list[dict]:
+    """One entry per --served-streams configuration: via Triton against in-process decode there."""
+    rows = []
+    for streams, context in args.served_streams:
+        got = served["streams"].get((streams, context), {})
+        triton, inproc = _num(got.get("tokens_per_s")), _num(stream_decode[(streams, context)]["tokens_per_s"])
+        rows.append({"streams": streams, "prompt_tokens": context, "tokens": args.served_tokens,
+                     "triton_tok_s": triton, "inproc_tok_s": inproc,
+                     "ratio": triton / inproc if triton is not None and inproc else None,
+                     "triton_all_decoding_tok_s": _num(got.get("all_decoding_tokens_per_s")),
+                     "all_decoding_s": _num(got.get("all_decoding_s")),
+                     "median_ttft_ms": _num(got.get("ttft_s"), 1e3),
+                     "ttfts_ms": [_num(t, 1e3) for t in got.get("ttfts_s", [])]})
+    return rows
+
+
+def long_row(args, served: dict, inproc: dict | None) -> dict | None:
+    """The --served-long prompt via Triton against in-process prefill and the decode step there."""
+    if not args.served_long:
+        return None
+    got, inproc = served["long"] or {}, inproc or {}
+    return {"prompt_tokens": args.served_long, "tokens_out": e2e_served.LONG_TOKENS_OUT,
+            "triton_ttft_ms": _num(got.get("ttft_s"), 1e3),
+            "triton_decode_ms_per_token": _num(got.get("decode_ms_per_token")),
+            # the probe may stop short of the prompt (time limit, memory): its prefill covers inproc_tokens
+            "inproc_prefill_s": _num(inproc.get("prefill_s")),
+            "inproc_decode_step_ms": _num(inproc.get("decode_step_ms")),
+            "inproc_tokens": inproc.get("tokens"), "inproc_stopped": inproc.get("stopped")}
+
+
+def print_served_table(args, served: dict, ttft_ms: dict, inproc_first_ms: float, streams: list[dict],
+                       long: dict | None) -> None:
+    """Served against in-process, a row per figure, then each stream's first-token time."""
+    triton_ttft_ms = {n: _num(s, 1e3) for n, s in served["ttft"].items()}
+    print("| figure | in-process | via Triton |")
+    print("|---|---:|---:|")
+    for n in args.prompts:
+        print(f"| TTFT, {n:,}-token prompt (steady) | {ttft_ms[n]:.1f} ms | {_unit(triton_ttft_ms.get(n), 'ms')} |")
+    first = args.prompts[0]
+    print(f"| first request after start, {first:,}-token prompt | {_against(inproc_first_ms, ttft_ms[first])} | "
+          f"{_against(_num(served['first_request_s'], 1e3), triton_ttft_ms.get(first))} |")
+    for r in streams:
+        print(f"| {r['streams']} concurrent {r['prompt_tokens']:,}-token streams, {r['tokens']} tokens each: "
+              f"tok/s, median TTFT | {_unit(r['inproc_tok_s'], 'tok/s', '.0f')} (decode at batch {r['streams']}) | "
+              f"{_streams_triton(r)} |")
+    if long is not None:
+        print(f"| one {long['prompt_tokens']:,}-token prompt, {long['tokens_out']} tokens out: TTFT, decode "
+              f"ms/token | {_long_inproc(long)} | {_long_triton(long)} |")
+    itl = served["itl"]
+    if args.itl_long:
+        print(f"| ITL p99 of {e2e_served.ITL_STREAMS} running streams while a {args.itl_long:,}-token prompt "
+              f"prefills, against before it (target <= 1.5x) | - | {_itl_triton(itl)} |")
+    for r in streams:
+        if r["ttfts_ms"]:
+            print(f"\n{r['streams']} x {r['prompt_tokens']:,} tokens: first tokens at "
+                  + ", ".join(f"{t / 1e3:.2f}" for t in r["ttfts_ms"]) + " s")
+    if itl:
+        ms = {k: _unit(v, "ms", ".2f") for k, v in itl.items() if k.endswith("_ms")}
+        print(f"\nITL of {itl['streams']} streams ({itl['stream_prompt_tokens']:,}-token prompts): before the long "
+              f"prompt p50 {ms['baseline_p50_ms']}, p99 {ms['baseline_p99_ms']} ({itl['baseline_gaps']} gaps); "
+              f"while it prefilled ({itl['prefill_ttft_ms'] / 1e3:.2f} s to its first token) "
+              f"p50 {ms['during_p50_ms']}, p99 {ms['during_p99_ms']} ({itl['during_gaps']} gaps)"
+              + ("" if itl["streams_outlasted_prefill"] else "; a stream ended before the prefill did"))
+    for what, error in served["errors"].items():
+        print(f"\n{what} via Triton failed: {error}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,19 +292,20 @@ def main(argv: list[str] | None = None) -> int:
     codec = TextCodec.load(args.model)
     model = load_model(args.model, device=device, dtype=dtype, progress=True)
     layout = layout_for(model.cfg, dtype, args.kv_format)
-    served_ttft, served_tp, start_s = ({}, {}, float("nan"))
-    if not args.no_triton:
-        served_ttft, served_tp, start_s = measure_served(args, codec, layout)
+    served = e2e_served.not_measured() if args.no_triton else e2e_served.measure(args, codec, layout, time_left)
 
     print("measuring in-process ...", file=sys.stderr)
+    vocab = model.cfg.vocab_size
+    # the first prefill after loading, before any warm-up: the in-process side of the first request after start
+    first = args.prompts[0]
+    inproc_first_s = ours.prefill_one(model, ours.random_prompt(first, vocab, first + 1), 2, args.kv_format).seconds
     ours.decode_steps(model, 1, 64, 2, args.kv_format)  # warm-up: allocator, kernel compilation
     ttft, bytes_per_token, handoffs = {}, {}, {}
-    handoff_lengths = _ints(args.handoff)
-    for n in sorted(set(_ints(args.prompts)) | set(handoff_lengths)):
-        done = ours.prefill_one(model, ours.random_prompt(n, model.cfg.vocab_size, n), 2, args.kv_format, num_rows=2)
+    for n in sorted(set(args.prompts) | set(args.handoff)):
+        done = ours.prefill_one(model, ours.random_prompt(n, vocab, n), 2, args.kv_format, num_rows=2)
         ttft[n] = done.seconds
         bytes_per_token[n] = ours.kv_bytes_per_token(done, n)
-        if n in handoff_lengths:
+        if n in args.handoff:
             handoffs[n] = ours.handoff(done)
         del done
     def decode_or_oom(batch: int, context: int) -> dict:
@@ -231,19 +316,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             gc.collect()
 
-    decode = {(b, c): decode_or_oom(b, c) for c in _ints(args.contexts) for b in _ints(args.batches)}
-    inproc_tp = None
-    if served_tp:  # the in-process side of the comparison, unless the grid above measured it
-        key = (args.triton_batch, args.triton_context)
-        inproc_tp = decode[key] if key in decode else decode_or_oom(*key)
+    decode = {(b, c): decode_or_oom(b, c) for c in args.contexts for b in args.batches}
+    # the in-process side of each served configuration, unless the grid above measured it
+    stream_decode = {key: decode[key] if key in decode else decode_or_oom(*key) for key in args.served_streams}
 
     hf_ttft, hf_step = {}, {}
     if not args.no_transformers and time_left(120, "transformers"):
         print("measuring transformers ...", file=sys.stderr)
         reference = hf.load(args.model, dtype, device)
-        hf_ttft = {n: hf.prefill_s(reference, n, device, seed=n) for n in _ints(args.prompts)}
+        hf_ttft = {n: hf.prefill_s(reference, n, device, seed=n) for n in args.prompts}
         hf_step = {(b, c): hf.decode_step_ms(reference, b, c, args.steps, device)
-                   for c in _ints(args.contexts) for b in _ints(args.hf_batches)}
+                   for c in args.contexts for b in args.hf_batches}
         del reference
         gc.collect()
         if device.type == "cuda":
@@ -253,20 +336,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.experts and device.type == "cuda" and time_left(60, "the expert shape"):
         print(f"measuring the {args.experts}-expert shape ...", file=sys.stderr)
         wide, experts_name = wide_experts_model(model.cfg, args.experts, dtype, device)
-        context = _ints(args.contexts)[0]
+        context = args.contexts[0]
         experts_decode = {(b, context): ours.decode_steps(wide, b, context, args.steps, args.kv_format)
-                          for b in _ints(args.experts_batches)}
+                          for b in args.experts_batches}
         del wide
         gc.collect()
         torch.cuda.empty_cache()
 
+    def single_sequence(target: int) -> dict:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 * 2**30
+        print(f"single-sequence probe towards {target:,} tokens ...", file=sys.stderr)
+        return ours.longest_sequence(model, target, int(free * args.longest_fraction), args.kv_format,
+                                     time_limit_s=args.longest_time,
+                                     progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr))
+
     longest = None
     if not args.no_longest and time_left(args.longest_time + 60, "the longest-sequence probe"):
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 * 2**30
-        print("longest-sequence probe ...", file=sys.stderr)
-        longest = ours.longest_sequence(model, args.longest, int(free * args.longest_fraction), args.kv_format,
-                                        time_limit_s=args.longest_time,
-                                        progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr))
+        longest = single_sequence(args.longest)
+    long_inproc = None  # the in-process side of --served-long: the same probe at that length
+    if args.served_long:
+        if longest is not None and args.longest == args.served_long:
+            long_inproc = longest
+        elif time_left(args.longest_time + 60, "the in-process long prompt"):
+            long_inproc = single_sequence(args.served_long)
 
     floor_ms = weight_read_bytes(model) / (args.hbm_tbps * 1e12) * 1e3
     model_name = args.model.name
@@ -276,14 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python scripts/bench_e2e.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"date: {datetime.date.today()}, device: {name}, commit: {commit}, torch {torch.__version__}, "
           f"dtype {str(dtype).replace('torch.', '')}, KV {args.kv_format}\n")
-    print(f"server start: {_fmt(start_s)} s\n")
+    print(f"server start: {_fmt(served['start_s'])} s" + (f"; GPU memory: {served['gpu_memory']}" if served["gpu_memory"] else "") + "\n")
 
+    served_ttft = served["ttft"]
     print("| prompt tokens | TTFT in-process (ms) | TTFT via Triton (ms) | transformers prefill (ms) | speed-up |")
     print("|---:|---:|---:|---:|---:|")
-    for n in _ints(args.prompts):
+    for n in args.prompts:
         theirs = hf_ttft.get(n)
         theirs_ms = theirs * 1e3 if isinstance(theirs, float) else theirs
-        print(f"| {n} | {ttft[n] * 1e3:.1f} | {_fmt(served_ttft[n] * 1e3 if n in served_ttft else None)} | "
+        print(f"| {n} | {ttft[n] * 1e3:.1f} | {_fmt(_num(served_ttft.get(n), 1e3))} | "
               f"{_fmt(theirs_ms)} | {_ratio(ttft[n] * 1e3, theirs_ms)} |")
 
     print(f"\n| model | batch | context | step (ms) | tokens/s | rows bitwise equal | kernels / step | GPU busy (graph) | "
@@ -297,13 +393,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{ {True: 'yes', False: 'NO', None: '-'}[r['rows_agree']]} | {_fmt(r.get('kernels_per_step'), 'd')} | "
               f"{_fmt(r.get('gpu_busy_graph'), '.0%')} | {_fmt(theirs, '.2f')} | {_ratio(r['step_ms'], theirs)} | {ratio} |")
 
-    if served_tp:
-        inproc, served = inproc_tp["tokens_per_s"], served_tp["tokens_per_s"]
-        share = served / inproc if isinstance(inproc, float) else None
-        print(f"\nbatch {args.triton_batch} at {args.triton_context} tokens: in-process {_fmt(inproc, '.0f')} tok/s, "
-              f"via Triton {_fmt(served, '.0f')} tok/s ({_fmt(share, '.2f')} of in-process); "
-              f"median TTFT under that load {served_tp['ttft_s'] * 1e3:.0f} ms; first tokens at "
-              + ", ".join(f"{t:.2f}" for t in served_tp["ttfts_s"]) + " s")
+    stream_rows = served_rows(args, served, stream_decode)
+    long = long_row(args, served, long_inproc)
+    print()
+    print_served_table(args, served, {n: s * 1e3 for n, s in ttft.items()}, inproc_first_s * 1e3, stream_rows, long)
 
     print("\n| context | handoff bytes | export (ms) | import (ms) |")
     print("|---:|---:|---:|---:|")
@@ -325,18 +418,20 @@ def main(argv: list[str] | None = None) -> int:
             "commit": commit, "date": str(datetime.date.today()), "gpu": name, "model": model_name,
             "command": "python scripts/bench_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "kv_format": args.kv_format,
-            "weight_read_floor_ms": floor_ms, "server_start_s": _num(start_s),
+            "weight_read_floor_ms": floor_ms, "server_start_s": _num(served["start_s"]),
+            "server_gpu_memory": served["gpu_memory"],
             "decode": [decode_row(n, k, r, theirs) for n, k, r, theirs in rows]
                       + ([decode_row(model_name, (1, longest["tokens"]), {"step_ms": longest["decode_step_ms"]}, None)]
                          if longest is not None else []),
-            "ttft": [{"prompt_tokens": n, "inproc_ms": ttft[n] * 1e3,
-                      "triton_ms": served_ttft[n] * 1e3 if n in served_ttft else None,
-                      "transformers_ms": _num(hf_ttft.get(n), 1e3)} for n in _ints(args.prompts)],
-            "served": [{"streams": args.triton_batch, "prompt_tokens": args.triton_context,
-                        "inproc_tok_s": _num(inproc_tp["tokens_per_s"]) if inproc_tp else None,
-                        "triton_tok_s": _num(served_tp["tokens_per_s"]),
-                        "median_ttft_ms": _num(served_tp["ttft_s"], 1e3),
-                        "ttfts_ms": [_num(t, 1e3) for t in served_tp["ttfts_s"]]}] if served_tp else [],
+            "ttft": [{"prompt_tokens": n, "inproc_ms": ttft[n] * 1e3, "triton_ms": _num(served_ttft.get(n), 1e3),
+                      "transformers_ms": _num(hf_ttft.get(n), 1e3),
+                      # the first request after start (Triton) / first prefill after loading (in-process)
+                      "first_request_ms": _num(served["first_request_s"], 1e3) if n == first else None,
+                      "inproc_first_ms": inproc_first_s * 1e3 if n == first else None} for n in args.prompts],
+            "served": stream_rows,
+            "long_prompt": long,
+            "itl_during_prefill": served["itl"],
+            "served_errors": served["errors"],
             "handoff": [{"context": n, **h} for n, h in handoffs.items()],
             "longest": longest,
         }

@@ -26,8 +26,13 @@ EPILOG = """example:
 """
 
 
-def stream_arrivals(url: str, prompt: str, max_tokens: int) -> tuple[float, list[tuple[float, int]]]:
-    """One greedy gRPC stream of exactly `max_tokens`: (send time, [(arrival time, tokens in chunk)])."""
+def stream_arrivals(url: str, prompt: str, max_tokens: int, stop: threading.Event | None = None,
+                    arrivals: list | None = None, timeout_s: float = 600.0) -> tuple[float, list[tuple[float, int]]]:
+    """One greedy gRPC stream of exactly `max_tokens`: (send time, [(arrival time, tokens in chunk)]).
+
+    With `stop`, the stream is cancelled once it is set (what arrived so far is returned); with
+    `arrivals`, chunks are appended to that list as they come, so another thread can watch it.
+    TimeoutError (the stream cancelled) when nothing arrives for `timeout_s`."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
@@ -44,19 +49,31 @@ def stream_arrivals(url: str, prompt: str, max_tokens: int) -> tuple[float, list
     client = grpcclient.InferenceServerClient(url)
     events: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: events.put((time.perf_counter(), result, error)))
+    arrivals = [] if arrivals is None else arrivals
+    poll_s = timeout_s if stop is None else 0.05  # how often a stoppable stream looks at `stop`
+    finished = False
     sent = time.perf_counter()
     client.async_stream_infer("dsv4", inputs)
-    arrivals = []
     try:
-        while True:
-            at, result, error = events.get(timeout=600)
+        idle_s = 0.0
+        while stop is None or not stop.is_set():
+            try:
+                at, result, error = events.get(timeout=poll_s)
+            except queue.Empty:
+                idle_s += poll_s
+                if idle_s >= timeout_s:
+                    raise TimeoutError(f"no response for {idle_s:.0f} s") from None
+                continue
+            idle_s = 0.0
             if error is not None:
                 raise RuntimeError(error)
             arrivals.append((at, len(result.as_numpy("output_ids"))))
             if result.as_numpy("finish_reason")[0]:
-                return sent, arrivals
+                finished = True
+                break
+        return sent, arrivals
     finally:
-        client.stop_stream()
+        client.stop_stream(cancel_requests=not finished)
         client.close()
 
 
@@ -69,7 +86,9 @@ def _stream_timings(url: str, prompt: str, max_tokens: int) -> tuple[float, floa
 
 
 def text_prompt(codec, tokens: int) -> str:
-    words = " ".join(f"w{i % 97}" for i in range(tokens * 2))
+    """Text of `tokens` - 1 tokens. Every word is at least one token, so `tokens` words are enough
+    (encoding more costs seconds at a million tokens)."""
+    words = " ".join(f"w{i % 97}" for i in range(tokens))
     ids = codec.encode(words, add_bos=False)[: tokens - 1]
     return codec.decode(ids)
 
@@ -85,14 +104,17 @@ def start_server(model: Path, device: str, work: Path, extra: list[str]) -> tupl
                               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
                               "--workdir", str(work / "server"), *extra],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
+    seen, ready = [], None
     for line in serve.stdout:
         seen.append(line)
         if "is ready" in line:
+            ready = len(seen) - 1
+        if ready is not None and line.startswith("try it:"):  # the banner's end: its GPU memory line is read
             break
     else:
         serve.wait()
         raise RuntimeError("dsv4-serve exited before it was ready:\n" + "".join(seen[-20:]))
+    serve.banner = "".join(seen[ready:])
     # keep reading: a full pipe would block the server's own prints
     threading.Thread(target=lambda: [None for _ in serve.stdout], daemon=True).start()
     return serve, f"127.0.0.1:{grpc}", time.perf_counter() - started

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One H200 call for the GPU decode work: the decode benchmark, the GPU tests and the real-shape kernel
 # tests, each under its own time limit, logs and JSON under $OUT (or ./runs/h200 off the device tool).
-#   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [e2e]      (default: bench tests kernels)
+#   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [e2e] [locust]   (default: bench tests kernels)
 # Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, TESTS_S, E2E_S, E2E_ARGS tune
 # the phases; DSV4_COMMIT names the commit in the results (the device copy has no git history).
-# Needs .gpu (../shared/tools/gpu-bundle.sh) carried along.
+# Needs .gpu (../shared/tools/gpu-bundle.sh) carried along; the locust phase also .gpu-locust (Locust's
+# wheels for the device's Python: scripts/gpu_locust_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source .gpu/activate
@@ -35,6 +36,19 @@ for phase in $phases; do
       timeout 120 $py -m dsv4.scripts.make_checkpoint flash-mini --out /tmp/flash-mini >>"$err" 2>&1
       timeout ${E2E_S:-540} $py scripts/bench_e2e.py --model /tmp/flash-mini --json "$out/h200_e2e.json" ${E2E_ARGS:-} \
         2>>"$err" | tee "$out/e2e.md" ;;
+    locust)
+      # the served flash-mini under Locust's `mixed` scenario; the report's plots are drawn off the device
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-locust/*.whl 2>>"$err"
+      [[ -f /tmp/flash-mini/config.json ]] || timeout 120 $py -m dsv4.scripts.make_checkpoint flash-mini --out /tmp/flash-mini >>"$err" 2>&1
+      python3 -m dsv4.scripts.serve --model /tmp/flash-mini --device cuda --max-model-len 16384 --workdir /tmp/serve-locust \
+        > "$out/locust_serve.log" 2>&1 &
+      serve_pid=$!
+      for _ in $(seq 300); do grep -q "is ready" "$out/locust_serve.log" && break; kill -0 $serve_pid 2>/dev/null || break; sleep 1; done
+      timeout ${LOCUST_S:-200} python3 -m load_tests.run --scenario mixed --host grpc://127.0.0.1:8001 --users ${LOCUST_USERS:-32} \
+        --duration ${LOCUST_DURATION:-120s} --out /tmp/locust-mixed --no-plots 2>>"$err" | tee "$out/locust.md"
+      kill -TERM $serve_pid; wait $serve_pid
+      cp /tmp/locust-mixed/raw-u*.jsonl /tmp/locust-mixed/locust-u*_stats.csv "$out/" 2>>"$err"
+      tail -5 /tmp/serve-locust/tritonserver.log >>"$err" ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
   status=${PIPESTATUS[0]}

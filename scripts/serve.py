@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import shutil
 import signal
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from dsv4.scripts.openai_frontend import OpenAIFrontend
@@ -77,7 +80,11 @@ def template_values(args, model_dir: Path) -> dict[str, str]:
         "instance_kind": "KIND_GPU" if cuda else "KIND_CPU", "force_cpu_inputs": "no" if cuda else "yes",
         "max_model_len": str(args.max_model_len), "max_tokens_limit": str(args.max_tokens_limit),
         "max_batch": str(args.max_batch), "max_sequences": str(args.max_sequences), "max_waiting": str(args.max_waiting),
-        "kv_cache_bytes": str(int(args.kv_cache_gib * (1 << 30))), "prefix_cache_bytes": str(int(args.prefix_cache_gib * (1 << 30))),
+        # 0 bytes: the stage sizes its pool from its share of the GPU, measured after its warm-up
+        "kv_cache_bytes": str(int((args.kv_cache_gib or 0) * (1 << 30))),
+        "prefix_cache_bytes": str(int((args.prefix_cache_gib or 0) * (1 << 30))),
+        "decode_memory_fraction": f"{args.gpu_memory_utilization * (1 - args.prefill_memory_share):.4f}",
+        "prefill_memory_fraction": f"{args.gpu_memory_utilization * args.prefill_memory_share:.4f}",
         "snapshot_interval": str(args.snapshot_interval), "decode_cpu_threads": str(args.decode_cpu_threads),
         "prefill_cpu_threads": str(args.prefill_cpu_threads), "prefill_chunk": str(args.prefill_chunk),
         "prefill_token_budget": str(args.prefill_token_budget), "prefill_max_prompts": str(args.prefill_max_prompts),
@@ -105,8 +112,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run the decode step eagerly instead of replaying CUDA graphs captured at start-up (debugging)")
     p.add_argument("--max-sequences", type=int, default=32, help="requests decode holds at once")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued for KV room before UNAVAILABLE")
-    p.add_argument("--kv-cache-gib", type=float, default=0.5, help="decode's KV pool (requests reserve prompt + max_tokens)")
-    p.add_argument("--prefix-cache-gib", type=float, default=0.25, help="prefill's pool: the running prompt plus cached prefixes")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="decode's KV pool (requests reserve prompt + max_tokens); default 0.5 on cpu, on cuda what "
+                        "decode's share of the GPU leaves after its warm-up")
+    p.add_argument("--prefix-cache-gib", type=float, default=None,
+                   help="prefill's pool (the running prompts plus cached prefixes); default 0.25 on cpu, on cuda what "
+                        "prefill's share of the GPU leaves after its warm-up")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory prefill and decode may fill together: weights, warm-up peak "
+                        "(activations, CUDA graphs) and the KV pools not given in GiB (default 0.9)")
+    p.add_argument("--prefill-memory-share", type=float, default=0.3,
+                   help="prefill's part of that share; decode gets the rest (default 0.3)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="most tokens of one prompt per prefill step (default 8192 on cuda, 512 on cpu)")
     p.add_argument("--prefill-token-budget", type=int, default=None,
@@ -140,6 +156,10 @@ def device_defaults(args) -> None:
         args.kv_format = "fp8" if args.device == "cuda" else "float"
     # a GPU prefill pass is launch-bound below a few thousand tokens; a CPU one is compute-bound
     args.prefill_chunk = args.prefill_chunk or (8192 if args.device == "cuda" else 512)
+    # on a GPU the pools are measured (None); a CPU has no device share to measure
+    if args.device == "cpu":
+        args.kv_cache_gib = 0.5 if args.kv_cache_gib is None else args.kv_cache_gib
+        args.prefix_cache_gib = 0.25 if args.prefix_cache_gib is None else args.prefix_cache_gib
     args.prefill_token_budget = args.prefill_token_budget or 2 * args.prefill_chunk
     # a resume point ends a chunk there: keep them on chunk boundaries so they cost no extra pass
     if args.snapshot_interval is None:
@@ -169,6 +189,13 @@ def validate(args) -> Path:
                  "unary_instances", "prefill_chunk", "prefill_token_budget", "prefill_max_prompts"):
         if getattr(args, name) < 1:
             raise LaunchError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("kv_cache_gib", "prefix_cache_gib"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise LaunchError(f"--{name.replace('_', '-')} must be > 0 (leave it out on cuda to size it from GPU memory)")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise LaunchError(f"--gpu-memory-utilization must be in (0, 1], not {args.gpu_memory_utilization}")
+    if not 0 < args.prefill_memory_share < 1:
+        raise LaunchError(f"--prefill-memory-share must be in (0, 1), not {args.prefill_memory_share}")
     if args.prefill_token_budget < args.prefill_chunk:
         raise LaunchError(f"--prefill-token-budget ({args.prefill_token_budget}) must be >= --prefill-chunk ({args.prefill_chunk})")
     if args.openai_port is not None and not port_free(args.host, args.openai_port):
@@ -286,15 +313,35 @@ def client_command(bin_dir: Path | None = None, cwd: Path | None = None) -> str:
         return str(mine)
 
 
+def memory_split(metrics_url: str) -> str | None:
+    """How each stage split its share of the GPU (its `dsv4_gpu_memory_bytes`); None when no stage
+    sized its pool from GPU memory (CPU, or both pools given in GiB)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    parts: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if line.startswith("dsv4_gpu_memory_bytes{"):
+            labels, value = line.rsplit(" ", 1)
+            label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            parts.setdefault(label["stage"], {})[label["part"]] = float(value) / 2**30
+    return "; ".join(f"{stage} {p['share']:.1f} GiB = weights {p['weights']:.1f} + working {p['working']:.1f} + "
+                     f"KV {p['kv']:.1f}" for stage, p in sorted(parts.items())) or None
+
+
 def _banner(server, model_dir: Path, waited: float, work: Path) -> str:
     http, grpc = server.http_url, server.grpc_url
+    split = memory_split(server.metrics_url)
+    memory = f"\n  GPU      {split}" if split else ""
     return f"""
 DeepSeek-V4 on Triton is ready ({waited:.1f}s): model {model_dir}
   HTTP     {http}        (generate: {http}/v2/models/dsv4/generate_stream)
   gRPC     {grpc}
   metrics  {server.metrics_url}
   log      {work / 'tritonserver.log'}
-  limits   {server.stack.describe()}
+  limits   {server.stack.describe()}{memory}
 
 try it:
   curl -s {http}/v2/models/dsv4/generate -H 'Content-Type: application/json' -d '{{"text_input": "Hello", "max_tokens": 16, "temperature": 0}}'

@@ -11,6 +11,7 @@ rows (one CUDA graph replay on a GPU) and reads the sampled tokens back once.
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -28,6 +29,7 @@ from ..kv_cache.storage import SequenceState
 from ..model.transformer import Transformer
 from ..sampler import SamplingParams
 from ..tokenizer import TextCodec
+from . import gpu_memory
 from .handoff import StateHeader, import_state
 from .request import RequestConfig
 from .text_state import OutputChunk, TextState
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 
 NO_ROOM_MESSAGE = "server is full: the decode queue is at its limit; try again later"
 SHUTDOWN_MESSAGE = "server is shutting down; try again later"
-TOO_BIG_MESSAGE = "the request needs more KV cache than the decode pool holds (raise --kv-cache-gib or lower max_tokens)"
+TOO_BIG_MESSAGE = ("the request needs more KV cache than the decode pool holds (raise --kv-cache-gib, or "
+                   "--gpu-memory-utilization when it is sized from GPU memory, or lower max_tokens)")
 EngineError = tuple[str, str]  # (Triton error code name, message)
 Sink = Callable[[int, OutputChunk | None, EngineError | None], None]
 
@@ -78,6 +81,23 @@ class EngineStats:
     cancelled: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+
+
+def measure_decode_memory(model: Transformer, kv_format: str, max_batch: int, max_model_len: int, fraction: float,
+                          cuda_graphs: bool = True) -> gpu_memory.MemorySplit:
+    """The KV budget of decode's GPU share: a throwaway runner on a one-request pool captures the
+    graphs at every bucket (so the graph pool and the kernels' autotuning are in the peak), then is
+    dropped; the real engine captures again on the real pool, with every kernel already tuned."""
+    weights = gpu_memory.start_measuring(model.device)
+    probe = PagedCache.for_requests(model.cfg, model.dtype, model.device, 1, max_model_len, kv_format=kv_format)
+    probe_bytes = probe.storage.nbytes()
+    runner = DecodeRunner(model, probe.storage, max_batch, max_model_len, frozenset(model.cfg.eos_token_ids),
+                          cuda_graphs=cuda_graphs)
+    if not runner.capture():  # graphs off: one eager step of the widest batch makes the peak
+        runner.logits(max_batch)
+    del runner, probe
+    gc.collect()
+    return gpu_memory.split_after_warm_up("decode", model.device, fraction, weights, probe_bytes)
 
 
 class DecodeEngine:

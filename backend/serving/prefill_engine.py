@@ -30,7 +30,8 @@ from .request import RequestConfig
 log = logging.getLogger(__name__)
 
 NO_ROOM_MESSAGE = "server is full: the prefill queue is at its limit; try again later"
-TOO_BIG_MESSAGE = "the prompt needs more KV cache than the prefill pool holds (raise --prefix-cache-gib)"
+TOO_BIG_MESSAGE = ("the prompt needs more KV cache than the prefill pool holds "
+                   "(raise --prefix-cache-gib, or --gpu-memory-utilization when it is sized from GPU memory)")
 Sink = Callable[[int, PrefillResult | None, EngineError | None], None]
 
 
@@ -47,6 +48,11 @@ class PrefillSettings:
     def __post_init__(self):
         if self.chunk < 1 or self.token_budget < self.chunk or self.max_prompts < 1 or self.max_waiting < 0:
             raise ValueError(f"prefill settings need chunk >= 1, token_budget >= chunk and max_prompts >= 1: {self}")
+
+    @property
+    def widest_pass(self) -> int:
+        """Whole chunks the largest step can run together: the warm-up's shape for the memory peak."""
+        return max(1, min(self.max_prompts, self.token_budget // self.chunk))
 
 
 @dataclass

@@ -72,15 +72,24 @@ class PrefillStage:
     """
 
     def __init__(self, model_dir: str | Path, device: str, dtype: torch.dtype, max_model_len: int,
-                 cache_bytes: int, snapshot_slots: int = 64, snapshot_interval: int = 0, kv_format: str = "float",
+                 cache_bytes: int | None, snapshot_slots: int = 64, snapshot_interval: int = 0, kv_format: str = "float",
                  max_prompts: int = 1):
         self.model = load_model(model_dir, dtype=dtype, device=device, progress=False)
-        self.cache = PagedCache.from_budget(self.model.cfg, dtype, device, cache_bytes, max_model_len,
-                                            max_num_seqs=max_prompts, snapshots=snapshot_slots, kv_format=kv_format)
+        self.max_model_len, self.max_prompts, self.snapshot_slots = max_model_len, max_prompts, snapshot_slots
         self.snapshot_interval, self.kv_format = snapshot_interval, kv_format
+        self.cache: PagedCache | None = None
+        if cache_bytes is not None:
+            self.allocate(cache_bytes)
         self.eos = eos_ids_tensor(self.model.cfg.eos_token_ids, self.model.device)
         self.stats = PrefillStats()
         self._ids = 0
+
+    def allocate(self, cache_bytes: int) -> None:
+        """Make the pools from a byte budget (None at construction defers this until after `warm_up`,
+        when the budget comes from measured GPU memory)."""
+        self.cache = PagedCache.from_budget(self.model.cfg, self.model.dtype, self.model.device, cache_bytes,
+                                            self.max_model_len, max_num_seqs=self.max_prompts,
+                                            snapshots=self.snapshot_slots, kv_format=self.kv_format)
 
     def begin(self, input_ids: np.ndarray | list[int], config: RequestConfig) -> PrefillJob | None:
         """Reserve the prompt's blocks (resuming at a cached prefix); None while the cache is too full."""
@@ -135,14 +144,15 @@ class PrefillStage:
         if job.key in self.cache.seqs:
             self.cache.release(job.key)
 
-    def warm_up(self, chunk: int) -> float:
-        """Run the shapes serving will use (one whole chunk; two ragged prompts in one pass; the first
-        token's sampling) on a throwaway cache, so the kernels are compiled and autotuned before the
-        server reports ready. Returns the seconds taken."""
+    def warm_up(self, chunk: int, widest: int = 1) -> float:
+        """Run the shapes serving will use (`widest` whole chunks in one pass, the largest step and so
+        the memory peak; two ragged prompts in one pass; the first token's sampling) on throwaway
+        caches, so the kernels are compiled and autotuned before the server reports ready. Returns
+        the seconds taken."""
         start = time.perf_counter()
         cfg, device = self.model.cfg, self.model.device
         g = torch.Generator().manual_seed(0)
-        for group in ([chunk], [chunk // 2 + 3, 1]):
+        for group in ([chunk] * widest, [chunk // 2 + 3, 1]):
             cache = PagedCache.for_requests(cfg, self.model.dtype, device, len(group), max(group) + 1, kv_format=self.kv_format)
             chunks = [(torch.randint(0, cfg.vocab_size, (n,), generator=g).to(device), cache.admit(str(i), n + 1))
                       for i, n in enumerate(group)]

@@ -134,7 +134,14 @@ KV_METRICS = {
     "dsv4_kv_blocks_used": ("gauge", "KV-cache blocks held by live requests, per stage and pool"),
     "dsv4_kv_blocks_free": ("gauge", "KV-cache blocks free or reclaimable, per stage and pool"),
     "dsv4_kv_blocks_cached": ("gauge", "Freed KV-cache blocks kept for prefix reuse, per stage and pool"),
+    "dsv4_gpu_memory_bytes": ("gauge", "GPU memory of a stage sized from measurement, by part: share, weights, working, kv"),
 }
+
+
+def report_memory_split(metrics: MetricSet, split) -> None:
+    """Once at start-up: how the stage's share of the GPU was split (`gpu_memory.MemorySplit`)."""
+    for part, value in split.parts().items():
+        metrics.set("dsv4_gpu_memory_bytes", value, stage=split.stage, part=part)
 
 
 def report_kv_usage(metrics: MetricSet, stage: str, usage: dict) -> None:

@@ -38,3 +38,34 @@ def test_banner_client_command_works_from_the_users_shell(tmp_path, monkeypatch)
     assert client_command(bin_dir, tmp_path / "elsewhere") == str(bin_dir / "dsv4-client")
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     assert client_command(bin_dir, tmp_path / "repo") == "dsv4-client"
+
+
+def test_gpu_pools_default_to_measured_and_cpu_pools_to_fixed_sizes(tmp_path):
+    from dsv4.scripts.serve import device_defaults, parse_args, template_values
+
+    gpu = parse_args(["--device", "cuda", "--gpu-memory-utilization", "0.8", "--prefill-memory-share", "0.25"])
+    device_defaults(gpu)
+    values = template_values(gpu, tmp_path)
+    assert values["kv_cache_bytes"] == values["prefix_cache_bytes"] == "0"  # 0: sized after the warm-up
+    assert float(values["decode_memory_fraction"]) == 0.6 and float(values["prefill_memory_fraction"]) == 0.2
+    pinned = parse_args(["--device", "cuda", "--kv-cache-gib", "2"])
+    device_defaults(pinned)
+    assert template_values(pinned, tmp_path)["kv_cache_bytes"] == str(2 * GIB)
+    cpu = parse_args(["--device", "cpu"])
+    device_defaults(cpu)
+    assert template_values(cpu, tmp_path)["kv_cache_bytes"] == str(GIB // 2)
+
+
+def test_memory_split_line_reads_the_stages_gauges(monkeypatch):
+    import io
+
+    from dsv4.scripts import serve
+
+    text = "\n".join(f'dsv4_gpu_memory_bytes{{part="{part}",stage="{stage}"}} {value * GIB}'
+                     for stage in ("decode", "prefill") for part, value in
+                     (("share", 80), ("weights", 3), ("working", 1), ("kv", 75.5))) + "\nnv_other 1\n"
+    monkeypatch.setattr(serve.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
+    line = serve.memory_split("http://x/metrics")
+    assert line.startswith("decode 80.0 GiB = weights 3.0 + working 1.0 + KV 75.5; prefill 80.0 GiB")
+    monkeypatch.setattr(serve.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"nv_other 1\n"))
+    assert serve.memory_split("http://x/metrics") is None

@@ -17,12 +17,12 @@ import triton_python_backend_utils as pb_utils
 
 from dsv4.backend.checkpoint.loader import load_model
 from dsv4.backend.kv_cache.paged_cache import PagedCache
-from dsv4.backend.serving.decode_engine import Arrival, DecodeEngine
+from dsv4.backend.serving.decode_engine import Arrival, DecodeEngine, measure_decode_memory
 from dsv4.backend.serving.handoff import StateHeader
 from dsv4.backend.serving.request import RequestConfig
 from dsv4.backend.serving.triton_io import (
     KV_METRICS, MetricSet, chunk_tensors, compute_dtype, error_response, instance_device, model_parameters, report_kv_usage,
-    watch_parent,
+    report_memory_split, watch_parent,
 )
 from dsv4.backend.tokenizer import TextCodec
 
@@ -54,17 +54,25 @@ class TritonPythonModel:
         self.device = torch.device(device)
         model = load_model(params["model_dir"], dtype=dtype, device=device, progress=False)
         max_len = min(int(params["max_model_len"]), model.cfg.max_position_embeddings)
-        cache = PagedCache.from_budget(model.cfg, dtype, device, int(params["kv_cache_bytes"]), max_len,
+        cuda_graphs = params.get("cuda_graphs", "yes") == "yes"
+        self._init_metrics()
+        kv_bytes = int(params["kv_cache_bytes"])  # 0: what the GPU share leaves after the warm-up
+        if not kv_bytes:
+            split = measure_decode_memory(model, params["kv_format"], int(params["max_batch"]), max_len,
+                                          float(params["memory_fraction"]), cuda_graphs)
+            kv_bytes = split.kv_bytes
+            report_memory_split(self.metrics, split)
+            pb_utils.Logger.log_info(split.describe())
+        cache = PagedCache.from_budget(model.cfg, dtype, device, kv_bytes, max_len,
                                        max_num_seqs=int(params["max_sequences"]), kv_format=params["kv_format"])
         self.engine = DecodeEngine(model, cache, TextCodec.load(params["model_dir"]), self._sink,
                                    int(params["max_batch"]), int(params["max_waiting"]), max_model_len=max_len,
-                                   cuda_graphs=params.get("cuda_graphs", "yes") == "yes")
+                                   cuda_graphs=cuda_graphs)
         self.outbox = queue.Queue()
         self.clients = {}
         # stream refs are unique across restarts too: stream_guard remembers cancelled ones
         self.ids = itertools.count(random.getrandbits(48) << 8)
         self.stopping = threading.Event()
-        self._init_metrics()
         self._reported = None
         self.sender = threading.Thread(target=self._send_loop, name="dsv4-decode-sender", daemon=True)
         seconds = self.engine.start()

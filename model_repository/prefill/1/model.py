@@ -14,13 +14,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from dsv4.backend.serving import gpu_memory
 from dsv4.backend.serving.prefill_engine import PrefillEngine, PrefillSettings
 from dsv4.backend.serving.prefill_stage import PrefillStage
 from dsv4.backend.serving.request import RequestConfig
 from dsv4.backend.serving.stages import serving_limits
 from dsv4.backend.serving.triton_io import (
     KV_METRICS, MetricSet, compute_dtype, error_response, instance_device, model_parameters, report_kv_usage,
-    watch_parent,
+    report_memory_split, watch_parent,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -57,14 +58,22 @@ class TritonPythonModel:
             **KV_METRICS,
         }, BUCKETS)
         max_prompts = int(params["max_prompts"])
+        cache_bytes = int(params["prefix_cache_bytes"])  # 0: what the GPU share leaves after the warm-up
         stage = PrefillStage(params["model_dir"], device, compute_dtype(params), limits.max_model_len,
-                             int(params["prefix_cache_bytes"]), snapshot_interval=int(params["snapshot_interval"]),
+                             cache_bytes or None, snapshot_interval=int(params["snapshot_interval"]),
                              kv_format=params["kv_format"], max_prompts=max_prompts)
         settings = PrefillSettings(chunk=int(params["chunk"]), token_budget=int(params["token_budget"]),
                                    max_prompts=max_prompts)
         if device != "cpu":  # compile and autotune before "ready", not on the first request
-            seconds = stage.warm_up(settings.chunk)
+            weights = gpu_memory.start_measuring(stage.model.device)
+            seconds = stage.warm_up(settings.chunk, settings.widest_pass)
             pb_utils.Logger.log_info(f"prefill: kernels warmed up in {seconds:.1f} s")
+            if not cache_bytes:
+                split = gpu_memory.split_after_warm_up("prefill", stage.model.device, float(params["memory_fraction"]),
+                                                       weights)
+                stage.allocate(split.kv_bytes)
+                report_memory_split(self.metrics, split)
+                pb_utils.Logger.log_info(split.describe())
         self.engine = PrefillEngine(stage, settings, self._sink)
         self.outbox = queue.Queue()
         self.senders = {}
