@@ -3,7 +3,7 @@
 # tests, each under its own time limit, logs and JSON under $OUT (or ./runs/h200 off the device tool).
 #   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [e2e] [locust]   (default: bench tests kernels)
 # Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, TESTS_S, E2E_S, E2E_ARGS tune
-# the phases; DSV4_COMMIT names the commit in the results (the device copy has no git history).
+# the phases (E2E_PY: the e2e phase's interpreter); DSV4_COMMIT names the commit in the results (the device copy has no git history).
 # Needs .gpu (../shared/tools/gpu-bundle.sh) carried along; the locust phase also .gpu-locust (Locust's
 # wheels for the device's Python: scripts/gpu_locust_wheels.sh).
 set -uo pipefail
@@ -33,8 +33,10 @@ for phase in $phases; do
         tests/kernels/test_indexer_topk.py tests/kernels/test_sampling.py tests/kernels/test_mhc.py \
         tests/kernels/test_norm_rope.py tests/kernels/test_moe.py 2>&1 | tee "$out/kernel_tests.log" | tail -15 ;;
     e2e)
-      timeout 120 $py -m dsv4.scripts.make_checkpoint flash-mini --out /tmp/flash-mini >>"$err" 2>&1
-      timeout ${E2E_S:-540} $py scripts/bench_e2e.py --model /tmp/flash-mini --json "$out/h200_e2e.json" ${E2E_ARGS:-} \
+      [[ -f /tmp/flash-mini/config.json ]] || timeout 120 $py -m dsv4.scripts.make_checkpoint flash-mini --out /tmp/flash-mini >>"$err" 2>&1
+      # the served half starts dsv4-serve with this interpreter: the stubs need numpy < 2 (E2E_PY=python3),
+      # the transformers half needs the device's own (numpy 2)
+      timeout ${E2E_S:-540} ${E2E_PY:-$py} scripts/bench_e2e.py --model /tmp/flash-mini --json "$out/h200_e2e.json" ${E2E_ARGS:-} \
         2>>"$err" | tee "$out/e2e.md" ;;
     locust)
       # the served flash-mini under Locust's `mixed` scenario; the report's plots are drawn off the device
