@@ -140,6 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--exit-timeout", type=int, default=30, help="seconds in-flight requests get on shutdown")
     p.add_argument("--api-key", default=None, help="key for the model-repository and shared-memory APIs (required beyond loopback; generated if omitted)")
     p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
+                   help="one more tritonserver argument, e.g. --triton-arg=--trace-config=level=TIMESTAMPS (repeatable)")
     p.add_argument("--workdir", type=Path, default=None, help="where the generated model repository and log go")
     p.add_argument("--openai-port", type=int, default=None, help="also serve the OpenAI API (dsv4-openai) on this port (default: off)")
     p.add_argument("--openai-api-key-file", type=Path, default=None,
@@ -213,7 +215,7 @@ def launch(args, model_dir: Path, work: Path, bundle: TritonBundle | None = None
         host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         exit_timeout_s=args.exit_timeout, shm_bytes=max(16 << 20, 2 * handoff),
         cuda_pool_bytes=(args.cuda_memory_pool_byte_size or 4 * handoff) if args.device == "cuda" else 0,
-        api_key=None if loopback else args.api_key,
+        api_key=None if loopback else args.api_key, extra_args=tuple(args.triton_arg),
     )
     repo = build_repository(work / "models", template_values(args, model_dir))
     backends = build_backend_dir(work / "backends", bundle)
