@@ -3,7 +3,6 @@ chunk at a time (several in one pass) and exported for decode. Scheduling is `pr
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,10 +78,6 @@ class PrefillStage:
         self.max_model_len, self.max_prompts, self.snapshot_slots = max_model_len, max_prompts, snapshot_slots
         self.snapshot_interval, self.kv_format = snapshot_interval, kv_format
         self.cache: PagedCache | None = None
-        # The payloads leave through CUDA IPC, which maps the whole allocator segment a tensor sits in:
-        # carved from a segment a prefill pass left behind (gigabytes), one handoff cost seconds.
-        # Their own pool keeps their segments as small as they are.
-        self._payload_pool = torch.cuda.MemPool() if self.model.device.type == "cuda" else None
         if cache_bytes is not None:
             self.allocate(cache_bytes)
         self.eos = eos_ids_tensor(self.model.cfg.eos_token_ids, self.model.device)
@@ -138,18 +133,12 @@ class PrefillStage:
         out = []
         for (job, _), token in zip(finished, tokens):
             self.cache.publish(job.key, job.hashes)
-            with self._payload_memory():
-                header, payload = export_state(self.cache.storage, job.seq)
+            header, payload = export_state(self.cache.storage, job.seq)
             self.abort(job)
             out.append((job, PrefillResult(int(token), header, payload)))
         if self.model.device.type == "cuda":  # the payloads leave on other threads and processes
             torch.cuda.current_stream(self.model.device).synchronize()
         return out
-
-    def _payload_memory(self):
-        if self._payload_pool is None:
-            return contextlib.nullcontext()
-        return torch.cuda.use_mem_pool(self._payload_pool)
 
     def abort(self, job: PrefillJob) -> None:
         if job.key in self.cache.seqs:
