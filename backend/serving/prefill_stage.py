@@ -60,6 +60,30 @@ class PrefillResult:
     payload: torch.Tensor  # on the model's device
 
 
+def warm_up_passes(model, chunk: int, widest: int, kv_format: str, eos: torch.Tensor) -> None:
+    """Run the shapes serving will use on throwaway caches, so the kernels are compiled before the
+    first request: `widest` whole chunks in one pass (the largest step, so the memory peak); two
+    ragged prompts in one pass; passes of 1, 2, 4 ... 128 tokens (MoE's sort kernel takes one
+    variant per power of two of a small pass); a prompt continued in a second chunk (it reads back
+    the window its first chunk wrote); the first token's sampling. The kernels take lengths and
+    positions unspecialised, so these cover every prompt (tests/gpu/test_prefill_compiles_gpu.py)."""
+    cfg, device = model.cfg, model.device
+    g = torch.Generator().manual_seed(0)
+    small = [[1 << i] for i in range(8)]
+    for group in ([chunk] * widest, [chunk // 2 + 3, 1], *small, [BLOCK_TOKENS + 44]):
+        cache = PagedCache.for_requests(cfg, model.dtype, device, len(group), max(group) + 1, kv_format=kv_format)
+        prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).to(device) for n in group]
+        seqs = [cache.admit(str(i), n + 1) for i, n in enumerate(group)]
+        if group == [BLOCK_TOKENS + 44]:  # the continued prompt: its first block, then the rest
+            model.prefill_batch([(prompts[0][:BLOCK_TOKENS], seqs[0])], cache.storage)
+            prompts = [prompts[0][BLOCK_TOKENS:]]
+        logits = model.prefill_batch(list(zip(prompts, seqs)), cache.storage)
+        sample_tokens(logits, [RequestConfig(max_tokens=1).sampling()] * len(group), list(range(len(group))),
+                      [0] * len(group), [0] * len(group), eos)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PrefillStage:
     """Runs prompts through its own model copy, several at a time, and exports each request's cache state.
 
@@ -145,22 +169,9 @@ class PrefillStage:
             self.cache.release(job.key)
 
     def warm_up(self, chunk: int, widest: int = 1) -> float:
-        """Run the shapes serving will use (`widest` whole chunks in one pass, the largest step and so
-        the memory peak; two ragged prompts in one pass; the first token's sampling) on throwaway
-        caches, so the kernels are compiled and autotuned before the server reports ready. Returns
-        the seconds taken."""
+        """`warm_up_passes` on this stage's model before the server reports ready; returns the seconds."""
         start = time.perf_counter()
-        cfg, device = self.model.cfg, self.model.device
-        g = torch.Generator().manual_seed(0)
-        for group in ([chunk] * widest, [chunk // 2 + 3, 1]):
-            cache = PagedCache.for_requests(cfg, self.model.dtype, device, len(group), max(group) + 1, kv_format=self.kv_format)
-            chunks = [(torch.randint(0, cfg.vocab_size, (n,), generator=g).to(device), cache.admit(str(i), n + 1))
-                      for i, n in enumerate(group)]
-            logits = self.model.prefill_batch(chunks, cache.storage)
-            sample_tokens(logits, [RequestConfig(max_tokens=1).sampling()] * len(group), list(range(len(group))),
-                          [0] * len(group), [0] * len(group), self.eos)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        warm_up_passes(self.model, chunk, widest, self.kv_format, self.eos)
         return time.perf_counter() - start
 
     def run(self, input_ids: np.ndarray | list[int], config: RequestConfig, chunk: int = PREFILL_CHUNK,

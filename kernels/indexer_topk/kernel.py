@@ -31,6 +31,7 @@ from ..kv_format.layout import IndexLayout
 
 NUM_LEVELS = 4  # 8 bits per level
 WS_INTS = 4 * 256 + 4  # int32 per query: histograms, then counters
+TILES_MIN = 256  # count/select tile slots per query: 256 x 1024-key tiles cover a million tokens
 WS_STRIDE = tl.constexpr(WS_INTS)
 
 
@@ -249,8 +250,8 @@ def indexer_topk(
         out = torch.empty(n_q, topk, dtype=torch.int32, device=q.device)
     assert out.shape == (n_q, topk) and out.dtype == torch.int32 and out.stride(1) == 1
     cap = max(1, max_visible)
-    if scores is None:
-        scores = torch.empty(n_q, cap, dtype=torch.float32, device=q.device)
+    if scores is None:  # a row stride divisible by 16 whatever the length: one compiled variant for all
+        scores = torch.empty(n_q, cdiv(cap, 16) * 16, dtype=torch.float32, device=q.device)[:, :cap]
     assert scores.shape[0] == n_q and scores.shape[1] >= cap and scores.stride(1) == 1
     if n_q == 0 or topk == 0:
         return out, scores
@@ -277,7 +278,8 @@ def indexer_topk(
         indexer_radix_kernel[(n_q, sel_progs)](
             scores, ws, num_visible, scores.stride(0), topk, LEVEL=level, BLOCK=block, num_warps=4,
         )
-    tiles_p2 = next_pow2(cdiv(cap, block))
+    # at least TILES_MIN: one compiled variant up to a million tokens, not one per power of two
+    tiles_p2 = max(TILES_MIN, next_pow2(cdiv(cap, block)))
     counts = torch.empty(n_q, 2, tiles_p2, dtype=torch.int32, device=q.device)
     indexer_count_kernel[(n_q, sel_progs)](
         scores, ws, num_visible, counts, scores.stride(0), topk, BLOCK=block, TILES_P2=tiles_p2, num_warps=4,
@@ -387,6 +389,8 @@ def indexer_topk_prefill(
     max_visible = (start_pos + s_len) // rate
     if query_chunk is None:
         query_chunk = max(1, min(s_len, (256 << 20) // (4 * max(1, max_visible))))
+        if query_chunk >= 16:  # sub-chunks start 16-aligned: the visible counts' pointer keeps one alignment
+            query_chunk -= query_chunk % 16
     table = block_table[None, :]
     for s0 in range(0, s_len, query_chunk):
         s1 = min(s_len, s0 + query_chunk)

@@ -203,7 +203,8 @@ def load_index_fp4(u8_ptr, page_base, row, m_r, entries_per_page, C: tl.constexp
 # ---- kernels ---------------------------------------------------------------------------------
 
 
-@triton.jit
+# n_rows is a prompt chunk's length: one compiled variant for every length
+@triton.jit(do_not_specialize=["n_rows"])
 def write_main_entries_kernel(
     x_ptr, u8_ptr, bf16_ptr, page_ids_ptr, slots_ptr, n_rows, stride_x, page_bytes, entries_per_page,
     D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, SCALE_BYTES: tl.constexpr,
@@ -223,7 +224,7 @@ def write_main_entries_kernel(
                         NOPE, ROPE, SCALE_BYTES, DG_P2, SS_P2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def read_main_entries_kernel(
     out_ptr, u8_ptr, bf16_ptr, page_ids_ptr, slots_ptr, n_rows, page_bytes, entries_per_page,
     D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, SCALE_BYTES: tl.constexpr, BLOCK_R: tl.constexpr,

@@ -54,7 +54,8 @@ def moe_route_kernel(
     tl.store(weights_ptr + i_t * (K + 1) + o_j, weights, mask=m_j)
 
 
-@triton.jit
+# m (pairs of the pass) varies with the prompt; M_P2 still takes one variant per power of two
+@triton.jit(do_not_specialize=["m"])
 def moe_align_kernel(ids_ptr, rows_ptr, slots_ptr, offsets_ptr, m, groups, K1: tl.constexpr, M_P2: tl.constexpr,
                      G_P2: tl.constexpr):
     """One program sorts every token-expert pair by expert (stable): rows of the sorted pairs, the
@@ -131,7 +132,7 @@ def moe_route(logits: torch.Tensor, topk: int, route_scale: float, *, bias: torc
 # one program sorts up to this many pairs in registers (decode: batch 128 x 7 = 896); a prefill chunk
 # (512 x 7) takes the library sort (an H200 test run whose 3,584-pair prefill chunks went through a
 # 4096-wide in-register sort did not finish within its time limit)
-ALIGN_MAX_PAIRS = 1024
+ALIGN_MAX_PAIRS = 1024  # pairs the one-program kernel sorts; beyond it the library sort
 
 
 def moe_align(ids: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -77,7 +77,8 @@ def finish_with_sink(m_i, l_i, acc, sink_ptr, o_h, m_h):
     return acc * (a / denom)[:, None]
 
 
-@triton.jit
+# the window's origin and rows follow the prompt's position: one compiled variant for all of them
+@triton.jit(do_not_specialize=["win_origin", "win_rows"])
 def sparse_attn_fwd_kernel(
     q_ptr, o_ptr, acc_ws_ptr, ml_ws_ptr,
     pos_ptr, sink_ptr, inv_freq_ptr,

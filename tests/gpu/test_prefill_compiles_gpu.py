@@ -10,7 +10,9 @@ import time
 import torch
 import triton
 
+from dsv4.backend.generate import eos_ids_tensor
 from dsv4.backend.kv_cache.paged_cache import PagedCache
+from dsv4.backend.serving.prefill_stage import warm_up_passes
 
 KERNEL_MODULES = ("compressor", "indexer_topk", "kv_format", "mhc", "moe", "norm_rope", "sparse_decode", "sparse_prefill", "sampling")
 CHUNK = 8192
@@ -54,11 +56,10 @@ def _prefill(model, lengths: list[int], seed: int) -> None:
 def test_no_new_kernel_variants_after_warm_up(gpu_models):
     model = gpu_models[torch.bfloat16]
     fns = _jit_functions()
-    for lengths in ([CHUNK, CHUNK], [CHUNK // 2 + 3, 1]):  # PrefillStage.warm_up's passes
-        _prefill(model, lengths, 0)
+    warm_up_passes(model, CHUNK, 2, "fp8", eos_ids_tensor(model.cfg.eos_token_ids, model.device))  # the served stage's
     seen = _variants(fns)
     compiled = {}
-    for k, lengths in enumerate(([CHUNK + 1], [16], [2048] * 8, [5000, 77], [32768], [CHUNK * 3 + 5])):
+    for k, lengths in enumerate(([CHUNK + 1], [16], [3], [100], [2048] * 8, [5000, 77], [32768], [CHUNK * 3 + 5])):
         start = time.perf_counter()
         _prefill(model, lengths, k + 1)
         now = _variants(fns)
