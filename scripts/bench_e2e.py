@@ -45,14 +45,15 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _streams(text: str) -> list[tuple[int, int]]:
-    """"8x2048,32x8192" -> [(8, 2048), (32, 8192)]: streams x prompt tokens."""
+def _streams(text: str) -> list[tuple[int, int, int | None]]:
+    """"8x2048,32x2048x512" -> [(8, 2048, None), (32, 2048, 512)]: streams x prompt tokens [x tokens out;
+    None: --served-tokens]."""
     configs = []
     for item in filter(None, text.split(",")):
-        streams, _, tokens = item.partition("x")
-        if not (streams.isdigit() and tokens.isdigit() and int(streams) > 0 and int(tokens) > 1):
-            raise argparse.ArgumentTypeError(f"{item!r} is not STREAMSxPROMPT_TOKENS, e.g. 8x2048")
-        configs.append((int(streams), int(tokens)))
+        parts = item.split("x")
+        if not (len(parts) in (2, 3) and all(p.isdigit() and int(p) > 0 for p in parts) and int(parts[1]) > 1):
+            raise argparse.ArgumentTypeError(f"{item!r} is not STREAMSxPROMPT_TOKENS[xTOKENS_OUT], e.g. 8x2048")
+        configs.append((int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
     return configs
 
 
@@ -70,9 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=32, help="decode steps timed (median)")
     p.add_argument("--handoff", type=_ints, default="8192,131072", help="contexts whose handoff is measured")
     p.add_argument("--served-streams", type=_streams, default="8x2048,32x8192",
-                   help="concurrent Triton streams, STREAMSxPROMPT_TOKENS (comma list), each against in-process "
-                        "decode at that batch and context")
-    p.add_argument("--served-tokens", type=int, default=48, help="tokens each of those streams generates")
+                   help="concurrent Triton streams, STREAMSxPROMPT_TOKENS[xTOKENS_OUT] (comma list), each against "
+                        "in-process decode at that batch and context")
+    p.add_argument("--served-tokens", type=int, default=48,
+                   help="tokens each of those streams generates, where a configuration does not say")
     p.add_argument("--served-long", type=int, default=0,
                    help=f"one prompt of this many tokens via Triton ({e2e_served.LONG_TOKENS_OUT} tokens out) against "
                         "in-process prefill and decode at that context; the longest-sequence probe is that in-process "
@@ -201,19 +203,29 @@ def _itl_triton(itl: dict | None) -> str:
             f"({_fmt(itl['ratio_p99'], '.2f')}x)")
 
 
+def _path_costs(server: dict) -> str:
+    """What the response path did during one configuration, from the server's counters."""
+    guard = server["models"].get("stream_guard", {})
+    return (f"server side: {server['vllm:generation_tokens_total']:.0f} tokens in {server['dsv4_decode_responses_total']:.0f} "
+            f"responses over {server['dsv4_decode_steps_total']:.0f} decode steps; stream_guard "
+            f"{guard.get('requests', 0):.0f} chunks, queue {_fmt(guard.get('queue_us_per_request'), '.0f')} µs and "
+            f"execute {_fmt(guard.get('compute_us_per_request'), '.0f')} µs per chunk")
+
+
 def served_rows(args, served: dict, stream_decode: dict) -> list[dict]:
     """One entry per --served-streams configuration: via Triton against in-process decode there."""
     rows = []
-    for streams, context in args.served_streams:
-        got = served["streams"].get((streams, context), {})
+    for streams, context, tokens in args.served_streams:
+        got = served["streams"].get((streams, context, tokens), {})
         triton, inproc = _num(got.get("tokens_per_s")), _num(stream_decode[(streams, context)]["tokens_per_s"])
-        rows.append({"streams": streams, "prompt_tokens": context, "tokens": args.served_tokens,
+        rows.append({"streams": streams, "prompt_tokens": context, "tokens": tokens,
                      "triton_tok_s": triton, "inproc_tok_s": inproc,
                      "ratio": triton / inproc if triton is not None and inproc else None,
                      "triton_all_decoding_tok_s": _num(got.get("all_decoding_tokens_per_s")),
                      "all_decoding_s": _num(got.get("all_decoding_s")),
                      "median_ttft_ms": _num(got.get("ttft_s"), 1e3),
-                     "ttfts_ms": [_num(t, 1e3) for t in got.get("ttfts_s", [])]})
+                     "ttfts_ms": [_num(t, 1e3) for t in got.get("ttfts_s", [])],
+                     "server": got.get("server")})
     return rows
 
 
@@ -257,6 +269,8 @@ def print_served_table(args, served: dict, ttft_ms: dict, inproc_first_ms: float
         if r["ttfts_ms"]:
             print(f"\n{r['streams']} x {r['prompt_tokens']:,} tokens: first tokens at "
                   + ", ".join(f"{t / 1e3:.2f}" for t in r["ttfts_ms"]) + " s")
+        if r.get("server"):
+            print(_path_costs(r["server"]))
     if itl:
         ms = {k: _unit(v, "ms", ".2f") for k, v in itl.items() if k.endswith("_ms")}
         print(f"\nITL of {itl['streams']} streams ({itl['stream_prompt_tokens']:,}-token prompts): before the long "
@@ -270,6 +284,7 @@ def print_served_table(args, served: dict, ttft_ms: dict, inproc_first_ms: float
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.served_streams = [(s, c, t or args.served_tokens) for s, c, t in args.served_streams]
     started = time.monotonic()
 
     def time_left(needed_s: float, what: str) -> bool:
@@ -318,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     decode = {(b, c): decode_or_oom(b, c) for c in args.contexts for b in args.batches}
     # the in-process side of each served configuration, unless the grid above measured it
-    stream_decode = {key: decode[key] if key in decode else decode_or_oom(*key) for key in args.served_streams}
+    stream_decode = {(b, c): decode[(b, c)] if (b, c) in decode else decode_or_oom(b, c) for b, c, _ in args.served_streams}
 
     hf_ttft, hf_step = {}, {}
     if not args.no_transformers and time_left(120, "transformers"):

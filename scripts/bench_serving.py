@@ -115,6 +115,7 @@ def start_server(model: Path, device: str, work: Path, extra: list[str]) -> tupl
         serve.wait()
         raise RuntimeError("dsv4-serve exited before it was ready:\n" + "".join(seen[-20:]))
     serve.banner = "".join(seen[ready:])
+    serve.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
     # keep reading: a full pipe would block the server's own prints
     threading.Thread(target=lambda: [None for _ in serve.stdout], daemon=True).start()
     return serve, f"127.0.0.1:{grpc}", time.perf_counter() - started

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from dsv4.scripts import server_metrics
 from dsv4.scripts.bench_serving import _stream_timings, start_server, stream_arrivals, text_prompt
 
 ITL_STREAMS = 4
@@ -31,7 +32,7 @@ PROMPT_MARGIN = 16  # the distinct first words add a few tokens to each prompt
 def _phases(args) -> list[list[tuple[int, int]]]:
     """(prompt tokens, max_tokens) of the requests the server holds at once, phase by phase."""
     phases = [[(n, 2)] for n in args.prompts]
-    phases += [[(context, args.served_tokens)] * streams for streams, context in args.served_streams]
+    phases += [[(context, tokens)] * streams for streams, context, tokens in args.served_streams]
     if args.itl_long:
         phases.append([(ITL_PROMPT_TOKENS, ITL_STREAM_TOKENS)] * ITL_STREAMS + [(args.itl_long, 2)])
     if args.served_long:
@@ -215,10 +216,14 @@ def measure(args, codec, layout, time_left) -> dict:
         first = args.prompts[0]
         out["first_request_s"] = ttft_s(url, "first " + text_prompt(codec, first))
         out["ttft"] = {n: ttft_s(url, f"t{n} " + text_prompt(codec, n)) for n in args.prompts}
-        for k, (streams, context) in enumerate(args.served_streams):
+        for k, (streams, context, tokens) in enumerate(args.served_streams):
             shared = text_prompt(codec, context)
             prompts = [f"c{k}s{i} " + shared for i in range(streams)]  # no prefix hits, within or across configurations
-            out["streams"][(streams, context)] = concurrent_streams(url, prompts, args.served_tokens)
+            before = server_metrics.scrape(serve.metrics_url)
+            got = concurrent_streams(url, prompts, tokens)
+            time.sleep(0.3)  # decode publishes its counters every 0.1 s
+            got["server"] = server_metrics.model_costs(before, server_metrics.scrape(serve.metrics_url))
+            out["streams"][(streams, context, tokens)] = got
         timed = dict(out["ttft"])  # the prompts timed so far, for the long parts' estimates
         if args.itl_long:
             estimate = prefill_estimate_s(timed, args.itl_long)

@@ -7,6 +7,11 @@ sender thread does the slow IPC), so the model never waits on a client.
 The step itself is `DecodeRunner`'s: a request takes a row when it joins (at most `max_batch`
 rows; further requests wait, holding nothing) and gives it back when it ends; every step runs all
 rows (one CUDA graph replay on a GPU) and reads the sampled tokens back once.
+
+On a GPU the loop runs one step ahead (`lookahead`): step N is launched before the host reads step
+N-1's tokens, so detokenization, stop checks and admissions overlap the GPU's work instead of
+adding to every step. A request that ended at N-1 still has its row in step N; that step's token for
+it is dropped, and its one extra position lies within its reservation (prompt + max_tokens).
 """
 
 from __future__ import annotations
@@ -102,7 +107,8 @@ def measure_decode_memory(model: Transformer, kv_format: str, max_batch: int, ma
 
 class DecodeEngine:
     def __init__(self, model: Transformer, cache: PagedCache, codec: TextCodec, sink: Sink, max_batch: int = 64,
-                 max_waiting: int = 256, max_model_len: int | None = None, cuda_graphs: bool = True):
+                 max_waiting: int = 256, max_model_len: int | None = None, cuda_graphs: bool = True,
+                 lookahead: bool | None = None):
         self.model, self.cache, self.codec, self.sink = model, cache, codec, sink
         self.storage = cache.storage
         self.max_batch, self.max_waiting = max_batch, max_waiting
@@ -110,6 +116,10 @@ class DecodeEngine:
         self.runner = DecodeRunner(model, self.storage, max_batch, max_model_len or model.cfg.max_position_embeddings,
                                    self.eos, cuda_graphs=cuda_graphs)
         self.row_rids: list[int] = []  # rid of each live runner row
+        self.lookahead = model.device.type == "cuda" if lookahead is None else lookahead
+        self._launched: tuple[list[int], torch.Tensor, torch.cuda.Event | None] | None = None  # step not yet read
+        self._pinned = ([torch.empty(max_batch, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+                        if self.lookahead and model.device.type == "cuda" else [])
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
         # admitted in arrival order once the pools can hold them; beyond max_waiting: UNAVAILABLE
         self.waiting: deque[Arrival] = deque()
@@ -162,14 +172,18 @@ class DecodeEngine:
             self._apply_cancels()
             if self._drain_deadline is not None:
                 self._drain_step()
-            if not self.active:
+            if not self.active and self._launched is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
-                self._step()
+                if self.row_rids:
+                    self._step()
+                else:  # the last rows ended with the step still in flight: read it (its tokens go nowhere)
+                    self._read_launched()
             except Exception as exc:  # a failed step must not leave requests hanging or blocks held
                 log.exception("decode step failed")
+                self._launched = None
                 for rid in list(self.active):
                     self._finish(rid, None, ("INTERNAL", f"decode step failed: {exc}"))
         for rid in list(self.active):
@@ -263,10 +277,35 @@ class DecodeEngine:
 
     def _step(self) -> None:
         rids = list(self.row_rids)
-        tokens = self.runner.step().tolist()  # the step's one wait for the device
+        tokens = self.runner.step()
         self.stats.steps += 1
+        if not self.lookahead:
+            self._accept_tokens(rids, tokens.tolist())  # the step's one wait for the device
+            return
+        done = None
+        if tokens.is_cuda:  # into one of two pinned buffers: the copy is queued behind the step
+            host = self._pinned[self.stats.steps % 2][: tokens.numel()]
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = tokens
+        self._read_launched()  # the previous step's tokens, while this one runs
+        self._launched = (rids, host, done)
+
+    def _read_launched(self) -> None:
+        if self._launched is None:
+            return
+        (rids, host, done), self._launched = self._launched, None
+        if done is not None:
+            done.synchronize()  # releases the GIL: the sender thread runs meanwhile
+        self._accept_tokens(rids, host.tolist())
+
+    def _accept_tokens(self, rids: list[int], tokens: list[int]) -> None:
         for rid, token in zip(rids, tokens):
-            self._accept(self.active[rid], int(token))
+            entry = self.active.get(rid)
+            if entry is not None:  # None: it ended (or was cancelled) after this step was launched
+                self._accept(entry, int(token))
 
     def _record(self, entry: Active) -> None:
         now, n = time.time(), len(entry.text.generated)

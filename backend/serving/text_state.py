@@ -94,3 +94,27 @@ class TextState:
     def _chunk(self, text: str, reason: str) -> OutputChunk:
         ids, self._pending_ids = self._pending_ids, []
         return OutputChunk(text, ids, reason, self.config.num_input_tokens, len(self.generated))
+
+
+def coalesce(items: list[tuple[int, OutputChunk | None, tuple | None]]) -> list[tuple[int, OutputChunk | None, tuple | None]]:
+    """(request id, chunk, error) items in arrival order -> one response per request where possible.
+
+    A stream's chunks that queued up behind a slow client path go out as one response (the texts and
+    token ids joined; counts and finish reason from the latest), so a large batch costs one send per
+    request per drain, not one per token. Errors are never merged; each request's order is kept.
+    """
+    out: list[tuple[int, OutputChunk | None, tuple | None]] = []
+    open_at: dict[int, int] = {}  # request id -> index of its latest item, while that item may absorb more
+    for rid, chunk, error in items:
+        at = open_at.pop(rid, None)
+        if at is not None and error is None:
+            head = out[at][1]
+            out[at] = (rid, OutputChunk(head.text + chunk.text, head.token_ids + chunk.token_ids, chunk.finish_reason,
+                                        chunk.num_input_tokens, chunk.num_output_tokens), None)
+            if not chunk.final:
+                open_at[rid] = at
+            continue
+        out.append((rid, chunk, error))
+        if error is None and not chunk.final:
+            open_at[rid] = len(out) - 1
+    return out

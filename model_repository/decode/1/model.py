@@ -20,6 +20,8 @@ from dsv4.backend.kv_cache.paged_cache import PagedCache
 from dsv4.backend.serving.decode_engine import Arrival, DecodeEngine, measure_decode_memory
 from dsv4.backend.serving.handoff import StateHeader
 from dsv4.backend.serving.request import RequestConfig
+from dsv4.backend.serving.response_pacing import Pacer, counter_path, counter_reader, server_pid
+from dsv4.backend.serving.text_state import coalesce
 from dsv4.backend.serving.triton_io import (
     KV_METRICS, MetricSet, chunk_tensors, compute_dtype, error_response, instance_device, model_parameters, report_kv_usage,
     report_memory_split, watch_parent,
@@ -28,6 +30,7 @@ from dsv4.backend.tokenizer import TextCodec
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_S = 0.1
+PACED_POLL_S = 0.0005  # chunks are held for stream_guard: look again this soon
 BUCKETS = {
     "vllm:time_to_first_token_seconds": [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0],
     "vllm:time_per_output_token_seconds": [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5],
@@ -74,6 +77,8 @@ class TritonPythonModel:
         self.ids = itertools.count(random.getrandbits(48) << 8)
         self.stopping = threading.Event()
         self._reported = None
+        self.responses = 0
+        self.pacer = Pacer(counter_reader(counter_path(server_pid())))
         self.sender = threading.Thread(target=self._send_loop, name="dsv4-decode-sender", daemon=True)
         seconds = self.engine.start()
         if seconds:
@@ -91,6 +96,7 @@ class TritonPythonModel:
             "vllm:time_per_output_token_seconds": ("histogram", "Mean time between a request's tokens"),
             "vllm:e2e_request_latency_seconds": ("histogram", "Arrival to the last token"),
             "dsv4_decode_steps_total": ("counter", "Batched decode steps run"),
+            "dsv4_decode_responses_total": ("counter", "Responses sent (a stream's tokens queued behind the sender go out as one)"),
             **KV_METRICS,
         }
         self.metrics = MetricSet(pb_utils, spec, BUCKETS)
@@ -140,12 +146,27 @@ class TritonPythonModel:
 
     def _send_loop(self):
         last_poll = 0.0
-        while not (self.stopping.is_set() and self.outbox.empty()):
+        held = []  # chunks waiting for stream_guard to take more
+        while not (self.stopping.is_set() and self.outbox.empty() and not held):
             try:
-                rid, chunk, error = self.outbox.get(timeout=POLL_S)
-                self._send(rid, chunk, error)
+                items = held + [self.outbox.get(timeout=PACED_POLL_S if held else POLL_S)]
             except queue.Empty:
-                pass
+                items = held
+            while True:  # whatever queued meanwhile goes out as one response per request
+                try:
+                    items.append(self.outbox.get_nowait())
+                except queue.Empty:
+                    break
+            items = coalesce(items)
+            room = None if self.stopping.is_set() else self.pacer.room()
+            held = []
+            for rid, chunk, error in items:
+                if error is None and room is not None:  # errors end the ensemble request: stream_guard never sees them
+                    if room <= 0:
+                        held.append((rid, chunk, error))
+                        continue
+                    room -= 1
+                self._send(rid, chunk, error)
             now = time.monotonic()
             if now - last_poll >= POLL_S:
                 last_poll = now
@@ -163,18 +184,20 @@ class TritonPythonModel:
             response = pb_utils.InferenceResponse(chunk_tensors(pb_utils, chunk, rid))
         try:
             sender.send(response, flags=FINAL if final else 0)
+            if error is None:
+                self.pacer.record(1)
         except Exception:  # the client is gone; stop generating for it
             self.engine.cancel(rid)
             final = True
+        self.responses += 1
         if final:
             self.clients.pop(rid, None)
-        elif sender.is_cancelled():
-            self.engine.cancel(rid)
 
     def _poll_cancellations(self):
-        # streams are checked after each send; non-streamed requests only here
-        for rid, (sender, stream) in list(self.clients.items()):
-            if not stream and sender.is_cancelled():
+        # every POLL_S, not after each send: each check is an IPC round trip, and a stream behind
+        # the ensemble is cancelled through stream_guard anyway
+        for rid, (sender, _) in list(self.clients.items()):
+            if sender.is_cancelled():
                 self.engine.cancel(rid)
 
     def _report(self):
@@ -184,7 +207,7 @@ class TritonPythonModel:
         # every update is an IPC round trip: only when something moved. The key is read before the
         # values, so a change the engine makes while they are read moves the key for the next poll
         # (a finish landing between two reads must not leave the gauges stale for good).
-        key = (engine.stats.steps, engine.stats.finished, engine.stats.cancelled, engine.held_requests(),
+        key = (self.responses, engine.stats.steps, engine.stats.finished, engine.stats.cancelled, engine.held_requests(),
                engine.waiting_requests())
         if key == self._reported and not engine.timings:
             return
@@ -192,6 +215,7 @@ class TritonPythonModel:
         m.total("vllm:prompt_tokens_total", engine.stats.prompt_tokens)
         m.total("vllm:generation_tokens_total", engine.stats.generation_tokens)
         m.total("dsv4_decode_steps_total", engine.stats.steps)
+        m.total("dsv4_decode_responses_total", self.responses)
         m.set("vllm:num_requests_running", engine.held_requests())
         m.set("vllm:num_requests_waiting", engine.waiting_requests())
         report_kv_usage(m, "decode", engine.cache.manager.usage())

@@ -1,8 +1,10 @@
-"""Triton adapter: forwards decode's chunks; on a cancelled request, asks decode to stop that stream."""
+"""Triton adapter: forwards decode's chunks; on a cancelled request, asks decode to stop that stream.
+Counts what it has passed on, so decode's sender sends no faster than this step drains."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from dsv4.backend.serving.response_pacing import ProgressCounter, counter_path, server_pid
 from dsv4.backend.serving.triton_io import OUTPUT_NAMES
 
 DECODE = "decode"
@@ -11,6 +13,11 @@ DECODE = "decode"
 class TritonPythonModel:
     def initialize(self, args):
         self.cancelled = set()
+        try:
+            self.progress = ProgressCounter(counter_path(server_pid()))
+        except OSError as exc:  # no /dev/shm: decode sends unpaced
+            pb_utils.Logger.log_warn(f"stream_guard: no progress counter ({exc}); decode's responses are not paced")
+            self.progress = None
 
     def execute(self, requests):
         responses = []
@@ -21,7 +28,13 @@ class TritonPythonModel:
             # never an error response: in Triton 2.51 a failed step leaves the ensemble request
             # in flight forever (it then blocks shutdown); the client is gone either way
             responses.append(pb_utils.InferenceResponse([pb_utils.get_input_tensor_by_name(request, n) for n in OUTPUT_NAMES]))
+        if self.progress is not None:
+            self.progress.add(len(requests))
         return responses
+
+    def finalize(self):
+        if self.progress is not None:
+            self.progress.close()
 
     def _cancel(self, ref):
         if ref in self.cancelled:
