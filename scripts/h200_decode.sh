@@ -5,10 +5,14 @@
 # Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, TESTS_S, E2E_S, E2E_ARGS tune
 # the phases (E2E_PY: the e2e phase's interpreter); DSV4_COMMIT names the commit in the results (the device copy has no git history).
 # Needs .gpu (../shared/tools/gpu-bundle.sh) carried along; the locust phase also .gpu-locust (Locust's
-# wheels for the device's Python: scripts/gpu_locust_wheels.sh).
+# wheels for the device's Python: scripts/gpu_locust_wheels.sh). The transformers wheel may travel apart,
+# in .gpu-hf, for the calls that compare against transformers (a call carries 64 MiB at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source .gpu/activate
+if compgen -G ".gpu-hf/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu-hf/*.whl
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 out=${OUT:-runs/h200}
 mkdir -p "$out"
