@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +37,7 @@ if str(ROOT) not in sys.path:  # load_tests is a top-level folder of the reposit
     sys.path.insert(0, str(ROOT))
 
 from load_tests.scenario import load_scenario  # noqa: E402
+from dsv4.scripts import server_metrics  # noqa: E402
 
 AIPERF_SPEC = "aiperf==0.13.0"
 AIPERF_TICKS_PER_S = 100
@@ -81,32 +81,27 @@ def write_dataset(scenario_name: str, out: Path) -> tuple[Path, str, int, dict]:
     return path, spec.prompt.system or "", spec.max_tokens, sampling
 
 
-def histogram_sums(metrics_url: str) -> dict[str, float]:
-    """Sum and count of the server's TTFT and time-per-output-token histograms."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        for name in ("vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds"):
-            for part in ("_sum", "_count"):
-                if line.startswith(name + part):
-                    out[name + part] = out.get(name + part, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def measured(run, metrics_url: str) -> dict:
-    """Run `run()` and add the server's means over it and the CPU seconds the child processes used."""
-    before, cpu_before = histogram_sums(metrics_url), resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Run `run()` and add the server's view of it (mean TTFT and ITL from its histograms, and the
+    load's shape: prompts per prefill pass, tokens per finished request) and the CPU seconds the
+    child processes used."""
+    before, cpu_before = server_metrics.scrape(metrics_url), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = run()
-    after, cpu_after = histogram_sums(metrics_url), resource.getrusage(resource.RUSAGE_CHILDREN)
+    after, cpu_after = server_metrics.scrape(metrics_url), resource.getrusage(resource.RUSAGE_CHILDREN)
 
-    def mean_ms(name: str) -> float | None:
-        # a histogram nothing was observed in yet is not exported at all (a fresh server)
-        count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
-        return 1000 * (after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)) / count if count else None
+    def moved(name: str) -> float:
+        # a histogram nothing was observed in yet is not exported at all (a fresh server): 0
+        return server_metrics.total(after, name) - server_metrics.total(before, name)
 
-    result["server"] = {"ttft": mean_ms("vllm:time_to_first_token_seconds"),
-                        "itl": mean_ms("vllm:time_per_output_token_seconds")}
+    def mean(name: str, scale: float = 1.0) -> float | None:
+        count = moved(f"{name}_count")
+        return scale * moved(f"{name}_sum") / count if count else None
+
+    finished = moved("vllm:e2e_request_latency_seconds_count")
+    result["server"] = {"ttft": mean("vllm:time_to_first_token_seconds", 1000),
+                        "itl": mean("vllm:time_per_output_token_seconds", 1000),
+                        "prompts_per_prefill_pass": mean("dsv4_prefill_step_prompts"),
+                        "tokens_per_request": moved("vllm:generation_tokens_total") / finished if finished else None}
     result["client_cpu_s"] = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     return result
 
@@ -191,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HEADER = (f"{'users':>5} {'round':>5} | {'TTFT ms locust':>14} {'aiperf':>7} {'diff':>7} {'server L/A':>11} | "
-          f"{'ITL ms locust':>13} {'aiperf':>7} {'diff':>7} {'server L/A':>11} | {'requests':>9} | {'cpu s L/A':>9}")
+          f"{'ITL ms locust':>13} {'aiperf':>7} {'diff':>7} {'server L/A':>11} | {'requests':>9} | {'cpu s L/A':>9} | "
+          f"{'prompts/pass L/A':>16} | {'tokens/req L/A':>14}")
 
 
-def _pair(a: float | None, b: float | None) -> str:
-    return "/".join("-" if v is None else f"{v:.0f}" for v in (a, b))
+def _pair(a: float | None, b: float | None, spec: str = ".0f") -> str:
+    return "/".join("-" if v is None else format(v, spec) for v in (a, b))
 
 
 def format_row(row: dict) -> str:
@@ -204,7 +200,9 @@ def format_row(row: dict) -> str:
             f"{row['ttft_diff']:>+7.1%} {_pair(lo['server']['ttft'], ai['server']['ttft']):>11} | "
             f"{lo['itl']['avg']:>13.2f} {ai['itl']['avg']:>7.2f} {row['itl_diff']:>+7.1%} "
             f"{_pair(lo['server']['itl'], ai['server']['itl']):>11} | {lo['ttft']['count']:>4}/{ai['ttft']['count']:<4} | "
-            f"{_pair(lo['client_cpu_s'], ai['client_cpu_s']):>9}")
+            f"{_pair(lo['client_cpu_s'], ai['client_cpu_s']):>9} | "
+            f"{_pair(lo['server']['prompts_per_prefill_pass'], ai['server']['prompts_per_prefill_pass'], '.2f'):>16} | "
+            f"{_pair(lo['server']['tokens_per_request'], ai['server']['tokens_per_request'], '.1f'):>14}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # One H200 call for the GPU decode work: the decode benchmark, the GPU tests and the real-shape kernel
 # tests, each under its own time limit, logs and JSON under $OUT (or ./runs/h200 off the device tool).
 #   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [e2e] [locust]   (default: bench tests kernels)
-# Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, TESTS_S, E2E_S, E2E_ARGS tune
+# Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, GPU_TESTS, TESTS_S, E2E_S, E2E_ARGS tune
 # the phases (E2E_PY: the e2e phase's interpreter); DSV4_COMMIT names the commit in the results (the device copy has no git history).
 # Needs .gpu (../shared/tools/gpu-bundle.sh) carried along; the locust phase also .gpu-locust (Locust's
 # wheels for the device's Python: scripts/gpu_locust_wheels.sh). The transformers wheel may travel apart,
@@ -31,7 +31,7 @@ for phase in $phases; do
       timeout 300 $py scripts/bench_decode.py --preset flash-mini --experts 256 --batches 1,128 --contexts 8192 \
         --steps 16 --kernel-table "$out/kernels_256e_b1.txt" --json "$out/decode_256e.json" 2>>"$err" | tee "$out/bench256.md" ;;
     tests)
-      timeout ${TESTS_S:-330} $py -m pytest tests/gpu -q -s -p no:cacheprovider --timeout 300 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
+      timeout ${TESTS_S:-330} $py -m pytest ${GPU_TESTS:-tests/gpu} -q -s -p no:cacheprovider --timeout 300 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
     kernels)
       DSV4_REAL_SHAPES=1 timeout 300 $py -m pytest -q -x -p no:cacheprovider tests/kernels/test_sparse_decode.py \
         tests/kernels/test_indexer_topk.py tests/kernels/test_sampling.py tests/kernels/test_mhc.py \
