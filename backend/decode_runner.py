@@ -62,9 +62,12 @@ class DecodeRunner:
 
     def add(self, seq: SequenceState, token: int, params: SamplingParams, seed: int, step: int, min_tokens: int) -> int:
         """A joining request (its cache state already imported); returns its row."""
+        if not isinstance(seed, int) or seed < 0:  # checked before any row is touched
+            raise ValueError(f"decode rows need a resolved seed (an integer >= 0), got {seed!r}")
+        values = (float(params.temperature), params.top_k, float(params.top_p), seed & 0xFFFFFFFF,
+                  (seed >> 32) & 0xFFFFFFFF, step, min_tokens)
         row = self.slots.add(seq, token)
-        for column, value in zip(self._sampling_columns(), (float(params.temperature), params.top_k, float(params.top_p),
-                                                            seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, step, min_tokens)):
+        for column, value in zip(self._sampling_columns(), values):
             column[row] = value
         self.filtered[row] = not params.greedy and (params.top_k > 0 or params.top_p < 1)
         return row

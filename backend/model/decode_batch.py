@@ -94,10 +94,11 @@ class DecodeSlots:
         if self.size >= self.capacity:
             raise RuntimeError(f"decode slots full ({self.capacity} rows)")
         row = self.size
+        for kind in TABLE_KINDS:  # all checked before the row is written: a refused request leaves it clean
+            if len(getattr(seq, kind)) > self.tables.shape[2]:
+                raise ValueError(f"request holds {len(getattr(seq, kind))} {kind}, slots were sized for {self.tables.shape[2]}")
         for k, kind in enumerate(TABLE_KINDS):
             blocks = getattr(seq, kind)
-            if len(blocks) > self.tables.shape[2]:
-                raise ValueError(f"request holds {len(blocks)} {kind}, slots were sized for {self.tables.shape[2]}")
             self.tables[k, row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32).to(self.device)
         self.tokens[row] = token
         self.positions[row] = seq.position

@@ -168,15 +168,15 @@ class DecodeEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._admit()
-            self._apply_cancels()
-            if self._drain_deadline is not None:
-                self._drain_step()
-            if not self.active and self._launched is None:
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            try:
+            try:  # nothing may end this loop but stop(): a dead loop would leave every stream hanging
+                self._admit()
+                self._apply_cancels()
+                if self._drain_deadline is not None:
+                    self._drain_step()
+                if not self.active and self._launched is None:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
                 if self.row_rids:
                     self._step()
                 else:  # the last rows ended with the step still in flight: read it (its tokens go nowhere)
@@ -248,8 +248,13 @@ class DecodeEngine:
         self.stats.prompt_tokens += config.num_input_tokens
         self._accept(entry, arrival.first_token)
         if arrival.rid in self.active:  # not already finished by its first token
-            entry.row = self.runner.add(seq, arrival.first_token, entry.params, config.seed, len(entry.text.generated),
-                                        config.min_tokens)
+            try:
+                entry.row = self.runner.add(seq, arrival.first_token, entry.params, config.seed,
+                                            len(entry.text.generated), config.min_tokens)
+            except Exception as exc:  # this request only: the others keep decoding
+                log.exception("decode could not take request %s", arrival.rid)
+                self._finish(arrival.rid, None, ("INTERNAL", f"decode could not start the request: {exc}"))
+                return
             self.row_rids.append(arrival.rid)
 
     def _apply_cancels(self) -> None:

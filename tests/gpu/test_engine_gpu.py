@@ -31,7 +31,8 @@ def _arrivals(model) -> list[Arrival]:
         first = int(prefill_prompt(model, cache.storage, seq, ids, chunk=8192)[-1].argmax())
         header, payload = export_state(cache.storage, seq)
         cache.release(str(rid))
-        config = RequestConfig(max_tokens=TOKENS, min_tokens=TOKENS, temperature=0.0, stream=True, num_input_tokens=n)
+        config = RequestConfig(max_tokens=TOKENS, min_tokens=TOKENS, temperature=0.0, seed=rid, stream=True,
+                               num_input_tokens=n)
         out.append(Arrival(rid, config, first, header, payload.clone()))
     return out
 

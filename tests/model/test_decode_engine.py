@@ -102,3 +102,31 @@ def test_cancelled_while_a_step_is_in_flight(model_dir, arrivals):
     assert chunks[longest][-1].finish_reason == "cancelled"
     assert chunks[longest][-1].num_output_tokens < REQUESTS[longest][1]
     _assert_nothing_held(engine)
+
+
+def test_a_request_decode_cannot_start_fails_alone(model_dir, arrivals):
+    """A request the runner refuses (here: no resolved seed, which the tokenizer stage always sets)
+    gets INTERNAL and its blocks back; the loop keeps serving the others."""
+    from dataclasses import replace
+
+    bad = replace(arrivals[4], config=replace(arrivals[4].config, seed=None))
+    model = load_model(model_dir, progress=False)
+    cache = PagedCache.for_requests(model.cfg, model.dtype, "cpu", len(arrivals), MAX_LEN)
+    sink: queue.Queue = queue.Queue()
+    engine = DecodeEngine(model, cache, TextCodec.load(model_dir), lambda *item: sink.put(item), max_batch=8,
+                          max_model_len=MAX_LEN, lookahead=True)
+    for arrival in [*arrivals[:4], bad, arrivals[5]]:
+        engine.submit(arrival)
+    engine.start()
+    ended: dict[int, tuple] = {}
+    try:
+        while len(ended) < len(arrivals):
+            rid, chunk, error = sink.get(timeout=60)
+            if error is not None or chunk.final:
+                ended[rid] = (chunk, error)
+        time.sleep(0.1)
+    finally:
+        engine.stop()
+    assert ended[4][1][0] == "INTERNAL" and "seed" in ended[4][1][1]
+    assert all(ended[rid][1] is None and ended[rid][0].finish_reason in ("stop", "length") for rid in ended if rid != 4)
+    _assert_nothing_held(engine)
