@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -12,9 +11,9 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
+from dsv4.scripts import server_metrics
 from dsv4.scripts.openai_frontend import OpenAIFrontend
 from dsv4.scripts.triton_launcher import (
     LaunchError, RunningServer, ServerOptions, TritonBundle, build_backend_dir, build_repository, port_free, start_server,
@@ -319,16 +318,14 @@ def memory_split(metrics_url: str) -> str | None:
     """How each stage split its share of the GPU (its `dsv4_gpu_memory_bytes`); None when no stage
     sized its pool from GPU memory (CPU, or both pools given in GiB)."""
     try:
-        with urllib.request.urlopen(metrics_url, timeout=5) as resp:
-            text = resp.read().decode()
+        samples = server_metrics.scrape(metrics_url)
     except (urllib.error.URLError, OSError):
         return None
     parts: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        if line.startswith("dsv4_gpu_memory_bytes{"):
-            labels, value = line.rsplit(" ", 1)
-            label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-            parts.setdefault(label["stage"], {})[label["part"]] = float(value) / 2**30
+    for (name, labels), value in samples.items():
+        if name == "dsv4_gpu_memory_bytes":
+            label = dict(labels)
+            parts.setdefault(label["stage"], {})[label["part"]] = value / 2**30
     return "; ".join(f"{stage} {p['share']:.1f} GiB = weights {p['weights']:.1f} + working {p['working']:.1f} + "
                      f"KV {p['kv']:.1f}" for stage, p in sorted(parts.items())) or None
 

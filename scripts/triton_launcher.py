@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsv4.scripts import server_metrics
 from dsv4.scripts.stack_limit import StackLimit, current_plan, stack_limit_for_children
 from dsv4.scripts.triton_exit import wait_for_exit
 
@@ -208,12 +209,9 @@ def wait_for_no_pending(metrics_url: str, timeout: float) -> bool:
     end, clear = time.monotonic() + timeout, 0
     while time.monotonic() < end:
         try:
-            with urllib.request.urlopen(metrics_url, timeout=2) as resp:
-                text = resp.read().decode()
+            pending = server_metrics.total(server_metrics.scrape(metrics_url, timeout_s=2), "nv_inference_pending_request_count")
         except (urllib.error.URLError, OSError):
             return False
-        pending = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                      if line.startswith("nv_inference_pending_request_count{"))
         clear = clear + 1 if pending == 0 else 0
         if clear >= 2:
             return True
