@@ -59,7 +59,8 @@ def server_args(args, layout) -> list[str]:
     return ["--max-model-len", str(max(p + t for p, t in requests) + PROMPT_MARGIN),
             "--max-tokens-limit", str(max(t for _, t in requests)),
             "--max-sequences", str(rows), "--max-batch", str(rows),
-            *(cpu_pool_args(layout, phases) if args.device == "cpu" else []), "--kv-format", args.kv_format]
+            *(cpu_pool_args(layout, phases) if args.device == "cpu" else []), "--kv-format", args.kv_format,
+            "--stage-layout", getattr(args, "stage_layout", "colocated")]
 
 
 class Streams:

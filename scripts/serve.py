@@ -16,8 +16,8 @@ from pathlib import Path
 from dsv4.scripts import server_metrics
 from dsv4.scripts.openai_frontend import OpenAIFrontend
 from dsv4.scripts.triton_launcher import (
-    LaunchError, RunningServer, ServerOptions, TritonBundle, build_backend_dir, build_repository, port_free, start_server,
-    wait_ready,
+    COLOCATED_MODELS, SPLIT_MODELS, LaunchError, RunningServer, ServerOptions, TritonBundle, build_backend_dir,
+    build_repository, port_free, start_server, wait_ready,
 )
 
 EPILOG = """examples:
@@ -74,6 +74,11 @@ def handoff_bytes(model_dir: Path, max_model_len: int, element_size: int) -> int
 
 def template_values(args, model_dir: Path) -> dict[str, str]:
     cuda = args.device == "cuda"
+    colocated = args.stage_layout == "colocated"
+    # colocated: decode's process holds both stages, so it gets the whole share and prefill's part
+    # of it is a part of the KV budget; its torch threads serve both loops on a CPU
+    decode_fraction = args.gpu_memory_utilization * (1 if colocated else 1 - args.prefill_memory_share)
+    decode_threads = max(args.decode_cpu_threads, args.prefill_cpu_threads) if colocated else args.decode_cpu_threads
     return {
         "model_dir": str(model_dir), "device": args.device, "dtype": args.dtype, "kv_format": args.kv_format,
         "instance_kind": "KIND_GPU" if cuda else "KIND_CPU", "force_cpu_inputs": "no" if cuda else "yes",
@@ -82,13 +87,14 @@ def template_values(args, model_dir: Path) -> dict[str, str]:
         # 0 bytes: the stage sizes its pool from its share of the GPU, measured after its warm-up
         "kv_cache_bytes": str(int((args.kv_cache_gib or 0) * (1 << 30))),
         "prefix_cache_bytes": str(int((args.prefix_cache_gib or 0) * (1 << 30))),
-        "decode_memory_fraction": f"{args.gpu_memory_utilization * (1 - args.prefill_memory_share):.4f}",
+        "decode_memory_fraction": f"{decode_fraction:.4f}",
         "prefill_memory_fraction": f"{args.gpu_memory_utilization * args.prefill_memory_share:.4f}",
-        "snapshot_interval": str(args.snapshot_interval), "decode_cpu_threads": str(args.decode_cpu_threads),
+        "snapshot_interval": str(args.snapshot_interval), "decode_cpu_threads": str(decode_threads),
         "prefill_cpu_threads": str(args.prefill_cpu_threads), "prefill_chunk": str(args.prefill_chunk),
         "prefill_token_budget": str(args.prefill_token_budget), "prefill_max_prompts": str(args.prefill_max_prompts),
         "tokenizer_instances": str(args.tokenizer_instances), "unary_instances": str(args.unary_instances),
         "cuda_graphs": "no" if args.no_cuda_graphs else "yes",
+        "colocated_prefill": "yes" if colocated else "no", "prefill_kv_share": f"{args.prefill_memory_share:.4f}",
     }
 
 
@@ -120,8 +126,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of the GPU's memory prefill and decode may fill together: weights, warm-up peak "
                         "(activations, CUDA graphs) and the KV pools not given in GiB (default 0.9)")
+    p.add_argument("--stage-layout", choices=["auto", "colocated", "split"], default="auto",
+                   help="colocated: prefill runs in decode's process on the same weights, sharing the GPU's SMs "
+                        "(decode's stream first); split: prefill is its own Triton model and process, handing the "
+                        "cache state to decode through the ensemble. auto: colocated on cuda (two processes "
+                        "time-slice one GPU), split on cpu (each stage gets its own threads)")
     p.add_argument("--prefill-memory-share", type=float, default=0.3,
-                   help="prefill's part of that share; decode gets the rest (default 0.3)")
+                   help="prefill's part of that share, decode gets the rest (split); prefill's part of the measured "
+                        "KV budget (colocated) (default 0.3)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="most tokens of one prompt per prefill step (default 8192 on cuda, 512 on cpu)")
     p.add_argument("--prefill-token-budget", type=int, default=None,
@@ -135,7 +147,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch threads of the prefill stage on --device cpu (default: all cores but one, left to decode)")
     p.add_argument("--tokenizer-instances", type=int, default=2)
     p.add_argument("--unary-instances", type=int, default=4)
-    p.add_argument("--cuda-memory-pool-byte-size", type=int, default=None, help="server CUDA pool for the prefill->decode handoff (default: sized for max-model-len)")
+    p.add_argument("--cuda-memory-pool-byte-size", type=int, default=None,
+                   help="server CUDA pool for the prefill->decode handoff (default: sized for max-model-len with "
+                        "--stage-layout split, 64 MiB colocated)")
     p.add_argument("--exit-timeout", type=int, default=30, help="seconds in-flight requests get on shutdown")
     p.add_argument("--api-key", default=None, help="key for the model-repository and shared-memory APIs (required beyond loopback; generated if omitted)")
     p.add_argument("--ready-timeout", type=float, default=600.0)
@@ -155,6 +169,8 @@ def device_defaults(args) -> None:
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.kv_format == "auto":
         args.kv_format = "fp8" if args.device == "cuda" else "float"
+    if args.stage_layout == "auto":
+        args.stage_layout = "colocated" if args.device == "cuda" else "split"
     # a GPU prefill pass is launch-bound below a few thousand tokens; a CPU one is compute-bound
     args.prefill_chunk = args.prefill_chunk or (8192 if args.device == "cuda" else 512)
     # on a GPU the pools are measured (None); a CPU has no device share to measure
@@ -210,13 +226,16 @@ def launch(args, model_dir: Path, work: Path, bundle: TritonBundle | None = None
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     work.mkdir(parents=True, exist_ok=True)
     handoff = handoff_bytes(model_dir, args.max_model_len, 2 if args.dtype == "bf16" else 4)
+    # colocated: the state never crosses Triton, so its CUDA pool only carries small tensors
+    pool = 4 * handoff if args.stage_layout == "split" else 64 << 20
     opts = ServerOptions(
         host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         exit_timeout_s=args.exit_timeout, shm_bytes=max(16 << 20, 2 * handoff),
-        cuda_pool_bytes=(args.cuda_memory_pool_byte_size or 4 * handoff) if args.device == "cuda" else 0,
+        cuda_pool_bytes=(args.cuda_memory_pool_byte_size or pool) if args.device == "cuda" else 0,
         api_key=None if loopback else args.api_key, extra_args=tuple(args.triton_arg),
     )
-    repo = build_repository(work / "models", template_values(args, model_dir))
+    models = COLOCATED_MODELS if args.stage_layout == "colocated" else SPLIT_MODELS
+    repo = build_repository(work / "models", template_values(args, model_dir), models, args.stage_layout)
     backends = build_backend_dir(work / "backends", bundle)
     return start_server(repo, backends, bundle, opts, work / "tritonserver.log")
 
@@ -326,8 +345,11 @@ def memory_split(metrics_url: str) -> str | None:
         if name == "dsv4_gpu_memory_bytes":
             label = dict(labels)
             parts.setdefault(label["stage"], {})[label["part"]] = value / 2**30
+    def prefix(p: dict[str, float]) -> str:
+        return f" (prefix cache {p['kv_prefix']:.1f})" if "kv_prefix" in p else ""
+
     return "; ".join(f"{stage} {p['share']:.1f} GiB = weights {p['weights']:.1f} + working {p['working']:.1f} + "
-                     f"KV {p['kv']:.1f}" for stage, p in sorted(parts.items())) or None
+                     f"KV {p['kv']:.1f}{prefix(p)}" for stage, p in sorted(parts.items())) or None
 
 
 def _banner(server, model_dir: Path, waited: float, work: Path) -> str:

@@ -80,14 +80,24 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
-def build_repository(out: Path, values: dict[str, str], models: tuple[str, ...] = ("dsv4", "tokenizer", "prefill", "decode", "stream_guard", "dsv4_unary")) -> Path:
-    """Copy the model repository templates, filling every `${name}` in the config files."""
+SPLIT_MODELS = ("dsv4", "tokenizer", "prefill", "decode", "stream_guard", "dsv4_unary")
+COLOCATED_MODELS = ("dsv4", "tokenizer", "decode", "stream_guard", "dsv4_unary")
+
+
+def build_repository(out: Path, values: dict[str, str], models: tuple[str, ...] = SPLIT_MODELS,
+                     variant: str | None = None) -> Path:
+    """Copy the model repository templates, filling every `${name}` in the config files.
+
+    `variant`: a model with a `config.<variant>.pbtxt` uses that file as its config (the ensemble
+    of the colocated layout); other variants' files are not copied."""
     if out.exists():
         shutil.rmtree(out)
     for name in models:
-        shutil.copytree(TEMPLATES / name, out / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(TEMPLATES / name, out / name, ignore=shutil.ignore_patterns("__pycache__", "config.*.pbtxt"))
         config = out / name / "config.pbtxt"
-        text = string.Template(config.read_text()).safe_substitute(values)
+        chosen = TEMPLATES / name / f"config.{variant}.pbtxt"
+        source = chosen if variant and chosen.is_file() else config
+        text = string.Template(source.read_text()).safe_substitute(values)
         if "${" in text:
             missing = sorted({part.split("}")[0] for part in text.split("${")[1:]})
             raise LaunchError(f"{config}: no value for {missing}")

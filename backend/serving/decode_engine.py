@@ -37,6 +37,7 @@ from ..tokenizer import TextCodec
 from . import gpu_memory
 from .handoff import StateHeader, import_state
 from .request import RequestConfig
+from .streams import on_stream
 from .text_state import OutputChunk, TextState
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,9 @@ def measure_decode_memory(model: Transformer, kv_format: str, max_batch: int, ma
 class DecodeEngine:
     def __init__(self, model: Transformer, cache: PagedCache, codec: TextCodec, sink: Sink, max_batch: int = 64,
                  max_waiting: int = 256, max_model_len: int | None = None, cuda_graphs: bool = True,
-                 lookahead: bool | None = None):
+                 lookahead: bool | None = None, stream: torch.cuda.Stream | None = None):
         self.model, self.cache, self.codec, self.sink = model, cache, codec, sink
+        self.stream = stream  # where the loop queues its steps (None: the device's current stream)
         self.storage = cache.storage
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.eos = frozenset(model.cfg.eos_token_ids)
@@ -167,6 +169,10 @@ class DecodeEngine:
         return len(self.active)
 
     def _loop(self) -> None:
+        with on_stream(self.stream):
+            self._run()
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             try:  # nothing may end this loop but stop(): a dead loop would leave every stream hanging
                 self._admit()
@@ -236,6 +242,8 @@ class DecodeEngine:
 
     def _start(self, arrival: Arrival, total: int) -> None:
         seq = self.cache.admit(str(arrival.rid), total)
+        if arrival.payload.is_cuda:  # made on another stream: its memory must outlive this stream's copy
+            arrival.payload.record_stream(torch.cuda.current_stream(arrival.payload.device))
         try:
             import_state(self.storage, seq, arrival.header, arrival.payload)
         except Exception as exc:

@@ -29,18 +29,40 @@ class MemorySplit:
     weights_bytes: int
     working_bytes: int  # warm-up peak beyond weights and the probe pool: activations, graph pool, workspaces
     kv_bytes: int
+    prefix_kv_bytes: int = 0  # of kv_bytes, prefill's pool when both stages share one process
+
+    def shared_with_prefill(self, prefill_working_bytes: int, prefill_kv_share: float) -> MemorySplit:
+        """Decode's split made room for prefill in the same process: one copy of the weights, prefill's
+        warm-up peak on top of decode's (both run at once), and `prefill_kv_share` of the KV for prefill."""
+        kv = self.kv_bytes - prefill_working_bytes
+        if kv <= 0:
+            raise MemoryError(f"no GPU memory left for the KV pools once prefill's warm-up peak "
+                              f"{prefill_working_bytes / GIB:.2f} GiB is paid; raise --gpu-memory-utilization, "
+                              "or lower --prefill-chunk / --prefill-token-budget")
+        return MemorySplit("prefill+decode", self.device_bytes, self.share_bytes, self.weights_bytes,
+                           self.working_bytes + prefill_working_bytes, kv, int(kv * prefill_kv_share))
 
     def describe(self) -> str:
         def g(n: int) -> str:
             return f"{n / GIB:.2f} GiB"
 
+        prefix = f" (prefix cache {g(self.prefix_kv_bytes)})" if self.prefix_kv_bytes else ""
         return (f"{self.stage}: {g(self.share_bytes)} of the GPU's {g(self.device_bytes)} = weights {g(self.weights_bytes)}"
-                f" + working {g(self.working_bytes)} + KV pool {g(self.kv_bytes)} + slack {g(SLACK_BYTES)}")
+                f" + working {g(self.working_bytes)} + KV pool {g(self.kv_bytes)}{prefix} + slack {g(SLACK_BYTES)}")
 
     def parts(self) -> dict[str, int]:
         """Values of the `dsv4_gpu_memory_bytes` gauge by `part` label."""
-        return {"share": self.share_bytes, "weights": self.weights_bytes, "working": self.working_bytes,
-                "kv": self.kv_bytes}
+        parts = {"share": self.share_bytes, "weights": self.weights_bytes, "working": self.working_bytes,
+                 "kv": self.kv_bytes}
+        return parts | ({"kv_prefix": self.prefix_kv_bytes} if self.prefix_kv_bytes else {})
+
+
+def warm_up_peak(device: torch.device, weights_bytes: int) -> int:
+    """Bytes the warm-up reserved beyond the weights; the cache is emptied for the next measurement."""
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_reserved(device) - weights_bytes
+    torch.cuda.empty_cache()
+    return max(0, peak)
 
 
 def start_measuring(device: torch.device) -> int:

@@ -22,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .decode_engine import SHUTDOWN_MESSAGE, EngineError
 from .prefill_stage import PrefillJob, PrefillResult, PrefillStage
 from .request import RequestConfig
+from .streams import on_stream
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,9 @@ class Pending:
 
 
 class PrefillEngine:
-    def __init__(self, stage: PrefillStage, settings: PrefillSettings, sink: Sink):
+    def __init__(self, stage: PrefillStage, settings: PrefillSettings, sink: Sink, stream: torch.cuda.Stream | None = None):
         self.stage, self.settings, self.sink = stage, settings, sink
+        self.stream = stream  # where the loop queues its passes (None: the device's current stream)
         self.arrivals: queue.Queue[Pending] = queue.Queue()
         self.waiting: deque[Pending] = deque()  # not yet admitted to the cache, in arrival order
         self.running: list[Pending] = []  # admitted, in arrival order
@@ -91,6 +94,10 @@ class PrefillEngine:
         return len(self.running) + len(self.waiting) + self.arrivals.qsize()
 
     def _loop(self) -> None:
+        with on_stream(self.stream):
+            self._run()
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             was_idle = not (self.running or self.waiting)
             self._take_arrivals()

@@ -17,6 +17,7 @@ from ..kv_cache.layout import BLOCK_TOKENS
 from ..kv_cache.manager import chain_hashes, snapshot_boundaries
 from ..kv_cache.paged_cache import PagedCache
 from ..kv_cache.storage import SequenceState
+from ..model.transformer import Transformer
 from .handoff import StateHeader, export_state
 from .request import RequestConfig
 
@@ -97,8 +98,9 @@ class PrefillStage:
 
     def __init__(self, model_dir: str | Path, device: str, dtype: torch.dtype, max_model_len: int,
                  cache_bytes: int | None, snapshot_slots: int = 64, snapshot_interval: int = 0, kv_format: str = "float",
-                 max_prompts: int = 1):
-        self.model = load_model(model_dir, dtype=dtype, device=device, progress=False)
+                 max_prompts: int = 1, model: Transformer | None = None):
+        # `model`: weights already loaded in this process (decode's, when both stages share it)
+        self.model = model if model is not None else load_model(model_dir, dtype=dtype, device=device, progress=False)
         self.max_model_len, self.max_prompts, self.snapshot_slots = max_model_len, max_prompts, snapshot_slots
         self.snapshot_interval, self.kv_format = snapshot_interval, kv_format
         self.cache: PagedCache | None = None

@@ -43,17 +43,40 @@ def test_banner_client_command_works_from_the_users_shell(tmp_path, monkeypatch)
 def test_gpu_pools_default_to_measured_and_cpu_pools_to_fixed_sizes(tmp_path):
     from dsv4.scripts.serve import device_defaults, parse_args, template_values
 
+    split = parse_args(["--device", "cuda", "--gpu-memory-utilization", "0.8", "--prefill-memory-share", "0.25",
+                        "--stage-layout", "split"])
+    device_defaults(split)
+    values = template_values(split, tmp_path)
+    assert values["kv_cache_bytes"] == values["prefix_cache_bytes"] == "0"  # 0: sized after the warm-up
+    assert float(values["decode_memory_fraction"]) == 0.6 and float(values["prefill_memory_fraction"]) == 0.2
+    assert values["colocated_prefill"] == "no"
+    # on a GPU prefill runs in decode's process by default: decode's share is the whole of it
     gpu = parse_args(["--device", "cuda", "--gpu-memory-utilization", "0.8", "--prefill-memory-share", "0.25"])
     device_defaults(gpu)
     values = template_values(gpu, tmp_path)
-    assert values["kv_cache_bytes"] == values["prefix_cache_bytes"] == "0"  # 0: sized after the warm-up
-    assert float(values["decode_memory_fraction"]) == 0.6 and float(values["prefill_memory_fraction"]) == 0.2
+    assert gpu.stage_layout == "colocated" and values["colocated_prefill"] == "yes"
+    assert float(values["decode_memory_fraction"]) == 0.8 and float(values["prefill_kv_share"]) == 0.25
     pinned = parse_args(["--device", "cuda", "--kv-cache-gib", "2"])
     device_defaults(pinned)
     assert template_values(pinned, tmp_path)["kv_cache_bytes"] == str(2 * GIB)
     cpu = parse_args(["--device", "cpu"])
     device_defaults(cpu)
-    assert template_values(cpu, tmp_path)["kv_cache_bytes"] == str(GIB // 2)
+    assert template_values(cpu, tmp_path)["kv_cache_bytes"] == str(GIB // 2) and cpu.stage_layout == "split"
+
+
+def test_colocated_repository_has_no_prefill_model_and_a_two_step_ensemble(tmp_path):
+    from dsv4.scripts.serve import device_defaults, parse_args, template_values
+    from dsv4.scripts.triton_launcher import COLOCATED_MODELS, SPLIT_MODELS, build_repository
+
+    args = parse_args(["--device", "cpu", "--stage-layout", "colocated"])
+    device_defaults(args)
+    repo = build_repository(tmp_path / "c", template_values(args, tmp_path), COLOCATED_MODELS, "colocated")
+    ensemble = (repo / "dsv4" / "config.pbtxt").read_text()
+    assert not (repo / "prefill").exists() and not list(repo.glob("*/config.*.pbtxt"))
+    assert 'model_name: "prefill"' not in ensemble and 'key: "input_ids" value: "_input_ids"' in ensemble
+    assert 'key: "colocated_prefill" value { string_value: "yes" }' in (repo / "decode" / "config.pbtxt").read_text()
+    split = build_repository(tmp_path / "s", template_values(args, tmp_path), SPLIT_MODELS, "split")
+    assert 'model_name: "prefill"' in (split / "dsv4" / "config.pbtxt").read_text()
 
 
 def test_memory_split_line_reads_the_stages_gauges(monkeypatch):
@@ -67,5 +90,8 @@ def test_memory_split_line_reads_the_stages_gauges(monkeypatch):
     monkeypatch.setattr(serve.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
     line = serve.memory_split("http://x/metrics")
     assert line.startswith("decode 80.0 GiB = weights 3.0 + working 1.0 + KV 75.5; prefill 80.0 GiB")
+    shared = text + f'\ndsv4_gpu_memory_bytes{{part="kv_prefix",stage="decode"}} {20 * GIB}'
+    monkeypatch.setattr(serve.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(shared.encode()))
+    assert serve.memory_split("http://x/metrics").startswith("decode 80.0 GiB = weights 3.0 + working 1.0 + KV 75.5 (prefix cache 20.0)")
     monkeypatch.setattr(serve.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"nv_other 1\n"))
     assert serve.memory_split("http://x/metrics") is None

@@ -3,6 +3,10 @@
 Threads: Triton calls `execute`, which only hands requests to the engine; the engine loop
 (in `dsv4.backend`) batches every active request; this file's sender thread does the slow
 IPC (`send`, `is_cancelled`, metrics), so the engine never waits on a client.
+
+With `colocated_prefill` the prefill engine runs here too, on the same weights and GPU
+(`backend/serving/colocated.py`): requests come from the tokenizer with `input_ids`, not from a
+prefill model with a cache state.
 """
 
 import itertools
@@ -17,10 +21,15 @@ import triton_python_backend_utils as pb_utils
 
 from dsv4.backend.checkpoint.loader import load_model
 from dsv4.backend.kv_cache.paged_cache import PagedCache
+from dsv4.backend.serving.colocated import Colocated, measure_memory
 from dsv4.backend.serving.decode_engine import Arrival, DecodeEngine, measure_decode_memory
 from dsv4.backend.serving.handoff import StateHeader
+from dsv4.backend.serving.prefill_engine import PrefillSettings
+from dsv4.backend.serving.prefill_metrics import PREFILL_BUCKETS, PREFILL_METRICS, report_prefill
+from dsv4.backend.serving.prefill_stage import PrefillStage
 from dsv4.backend.serving.request import RequestConfig
 from dsv4.backend.serving.response_pacing import Pacer, counter_path, counter_reader, server_pid
+from dsv4.backend.serving.streams import stage_streams
 from dsv4.backend.serving.text_state import coalesce
 from dsv4.backend.serving.triton_io import (
     KV_METRICS, MetricSet, chunk_tensors, compute_dtype, error_response, instance_device, model_parameters, report_kv_usage,
@@ -58,9 +67,14 @@ class TritonPythonModel:
         model = load_model(params["model_dir"], dtype=dtype, device=device, progress=False)
         max_len = min(int(params["max_model_len"]), model.cfg.max_position_embeddings)
         cuda_graphs = params.get("cuda_graphs", "yes") == "yes"
+        self.prefill_metrics = params["colocated_prefill"] == "yes"
         self._init_metrics()
         kv_bytes = int(params["kv_cache_bytes"])  # 0: what the GPU share leaves after the warm-up
-        if not kv_bytes:
+        streams = stage_streams(self.device)
+        stage = settings = None
+        if params["colocated_prefill"] == "yes":  # prefill runs here too, on the same weights
+            stage, settings, kv_bytes = self._init_prefill(params, model, max_len, kv_bytes, cuda_graphs)
+        elif not kv_bytes:
             split = measure_decode_memory(model, params["kv_format"], int(params["max_batch"]), max_len,
                                           float(params["memory_fraction"]), cuda_graphs)
             kv_bytes = split.kv_bytes
@@ -70,7 +84,8 @@ class TritonPythonModel:
                                        max_num_seqs=int(params["max_sequences"]), kv_format=params["kv_format"])
         self.engine = DecodeEngine(model, cache, TextCodec.load(params["model_dir"]), self._sink,
                                    int(params["max_batch"]), int(params["max_waiting"]), max_model_len=max_len,
-                                   cuda_graphs=cuda_graphs)
+                                   cuda_graphs=cuda_graphs, stream=streams.decode)
+        self.colocated = None if stage is None else Colocated(stage, settings, self.engine, self._sink, streams.prefill)
         self.outbox = queue.Queue()
         self.clients = {}
         # stream refs are unique across restarts too: stream_guard remembers cancelled ones
@@ -80,7 +95,7 @@ class TritonPythonModel:
         self.responses = 0
         self.pacer = Pacer(counter_reader(counter_path(server_pid())))
         self.sender = threading.Thread(target=self._send_loop, name="dsv4-decode-sender", daemon=True)
-        seconds = self.engine.start()
+        seconds = (self.colocated or self.engine).start()
         if seconds:
             pb_utils.Logger.log_info(f"decode: CUDA graphs captured in {seconds:.1f} s")
         self.sender.start()
@@ -98,20 +113,50 @@ class TritonPythonModel:
             "dsv4_decode_steps_total": ("counter", "Batched decode steps run"),
             "dsv4_decode_responses_total": ("counter", "Responses sent (a stream's tokens queued behind the sender go out as one)"),
             **KV_METRICS,
+            **(PREFILL_METRICS if self.prefill_metrics else {}),
         }
-        self.metrics = MetricSet(pb_utils, spec, BUCKETS)
+        self.metrics = MetricSet(pb_utils, spec, {**BUCKETS, **PREFILL_BUCKETS})
+
+    def _init_prefill(self, params, model, max_len, kv_bytes, cuda_graphs):
+        """The prefill engine's stage on decode's weights; returns it, its settings and decode's KV bytes.
+        On a GPU both stages are warmed up before "ready" and, unless both pools are given in bytes,
+        share the measured KV budget (`--prefill-memory-share` of it for prefill's pool)."""
+        prefix_bytes = int(params["prefix_cache_bytes"])
+        max_prompts = int(params["prefill_max_prompts"])
+        stage = PrefillStage(params["model_dir"], str(self.device), model.dtype, max_len, prefix_bytes or None,
+                             snapshot_interval=int(params["snapshot_interval"]), kv_format=params["kv_format"],
+                             max_prompts=max_prompts, model=model)
+        settings = PrefillSettings(chunk=int(params["prefill_chunk"]), token_budget=int(params["prefill_token_budget"]),
+                                   max_prompts=max_prompts)
+        if self.device.type != "cuda":
+            return stage, settings, kv_bytes
+        if prefix_bytes and kv_bytes:
+            seconds = stage.warm_up(settings.chunk, settings.widest_pass)
+            pb_utils.Logger.log_info(f"prefill: kernels warmed up in {seconds:.1f} s")
+            return stage, settings, kv_bytes
+        split = measure_memory(stage, settings, params["kv_format"], int(params["max_batch"]), max_len,
+                               float(params["memory_fraction"]), float(params["prefill_kv_share"]), cuda_graphs)
+        report_memory_split(self.metrics, split)
+        pb_utils.Logger.log_info(split.describe())
+        prefix_bytes = prefix_bytes or split.prefix_kv_bytes
+        stage.allocate(prefix_bytes)
+        return stage, settings, kv_bytes or split.kv_bytes - prefix_bytes
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             cancel = pb_utils.get_input_tensor_by_name(request, "cancel_stream")
             if cancel is not None:  # stream_guard saw the client cancel this stream
-                self.engine.cancel(int(cancel.as_numpy().reshape(-1)[0]))
+                self._cancel(int(cancel.as_numpy().reshape(-1)[0]))
                 sender.send(flags=FINAL)
                 continue
             control = pb_utils.get_input_tensor_by_name(request, "control")
             if control is not None:
                 self._control(control.as_numpy().reshape(-1)[0].decode(), sender)
+                continue
+            prompt = pb_utils.get_input_tensor_by_name(request, "input_ids")
+            if prompt is not None:
+                self._prompt(request, prompt, sender)
                 continue
             try:
                 raw = pb_utils.get_input_tensor_by_name(request, "request_config").as_numpy().reshape(-1)[0]
@@ -126,6 +171,25 @@ class TritonPythonModel:
             self.clients[rid] = (sender, config.stream)
             self.engine.submit(Arrival(rid, config, first, header, payload))
         return None
+
+    def _prompt(self, request, prompt, sender):
+        """A prompt straight from the tokenizer (prefill in this process)."""
+        if self.colocated is None:
+            sender.send(error_response(pb_utils, "INTERNAL", "decode got a prompt but runs no prefill engine "
+                                       "(the repository's ensemble and decode's colocated_prefill disagree)"), flags=FINAL)
+            return
+        try:
+            ids = prompt.as_numpy().copy()
+            config = RequestConfig.from_json(pb_utils.get_input_tensor_by_name(request, "request_config").as_numpy().reshape(-1)[0])
+        except Exception as exc:
+            sender.send(error_response(pb_utils, "INTERNAL", f"decode could not read its inputs: {exc}"), flags=FINAL)
+            return
+        rid = next(self.ids)
+        self.clients[rid] = (sender, config.stream)
+        self.colocated.submit(rid, ids, config)
+
+    def _cancel(self, rid):
+        (self.colocated or self.engine).cancel(rid)
 
     def _control(self, command, sender):
         """`drain:<seconds>`: stop admitting, finish or cut active streams; answer once drained."""
@@ -187,7 +251,7 @@ class TritonPythonModel:
             if error is None:
                 self.pacer.record(1)
         except Exception:  # the client is gone; stop generating for it
-            self.engine.cancel(rid)
+            self._cancel(rid)
             final = True
         self.responses += 1
         if final:
@@ -198,7 +262,7 @@ class TritonPythonModel:
         # the ensemble is cancelled through stream_guard anyway
         for rid, (sender, _) in list(self.clients.items()):
             if sender.is_cancelled():
-                self.engine.cancel(rid)
+                self._cancel(rid)
 
     def _report(self):
         if self.stopping.is_set():
@@ -207,11 +271,14 @@ class TritonPythonModel:
         # every update is an IPC round trip: only when something moved. The key is read before the
         # values, so a change the engine makes while they are read moves the key for the next poll
         # (a finish landing between two reads must not leave the gauges stale for good).
+        prefill = self.colocated.prefill if self.colocated else None
         key = (self.responses, engine.stats.steps, engine.stats.finished, engine.stats.cancelled, engine.held_requests(),
-               engine.waiting_requests())
+               engine.waiting_requests(), prefill and (prefill.stage.stats.steps, prefill.held_requests()))
         if key == self._reported and not engine.timings:
             return
         self._reported = key
+        if prefill is not None:
+            report_prefill(m, prefill)
         m.total("vllm:prompt_tokens_total", engine.stats.prompt_tokens)
         m.total("vllm:generation_tokens_total", engine.stats.generation_tokens)
         m.total("dsv4_decode_steps_total", engine.stats.steps)
@@ -228,6 +295,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.stopping.set()
-        self.engine.stop()
+        (self.colocated or self.engine).stop()
         self.sender.join(timeout=10)
         self.watchdog.terminate()

@@ -16,20 +16,17 @@ import triton_python_backend_utils as pb_utils
 
 from dsv4.backend.serving import gpu_memory
 from dsv4.backend.serving.prefill_engine import PrefillEngine, PrefillSettings
+from dsv4.backend.serving.prefill_metrics import PREFILL_BUCKETS, PREFILL_METRICS, report_prefill
 from dsv4.backend.serving.prefill_stage import PrefillStage
 from dsv4.backend.serving.request import RequestConfig
 from dsv4.backend.serving.stages import serving_limits
 from dsv4.backend.serving.triton_io import (
-    KV_METRICS, MetricSet, compute_dtype, error_response, instance_device, model_parameters, report_kv_usage,
-    report_memory_split, watch_parent,
+    KV_METRICS, MetricSet, compute_dtype, error_response, instance_device, model_parameters, report_memory_split,
+    watch_parent,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_S = 0.1
-BUCKETS = {
-    "dsv4_prefill_step_prompts": [1, 2, 4, 8, 16, 32, 64],
-    "dsv4_prefill_step_tokens": [64, 256, 1024, 4096, 16384, 65536],
-}
 
 
 def _device_tensor(name, t):
@@ -45,18 +42,7 @@ class TritonPythonModel:
         if device == "cpu":
             torch.set_num_threads(int(params["cpu_threads"]))
         limits = serving_limits(params["model_dir"], int(params["max_model_len"]), 1)
-        self.metrics = MetricSet(pb_utils, {
-            "dsv4_prefix_cache_hits_total": ("counter", "Prompts that resumed from a cached prefix"),
-            "dsv4_prefix_cache_misses_total": ("counter", "Prompts with a full block but no cached prefix"),
-            "dsv4_prefix_cache_hit_tokens_total": ("counter", "Prompt tokens taken from the prefix cache"),
-            "dsv4_prefill_prompt_tokens_total": ("counter", "Prompt tokens received by prefill"),
-            "dsv4_prefill_computed_tokens_total": ("counter", "Prompt tokens prefill actually ran"),
-            "dsv4_prefill_steps_total": ("counter", "Batched prefill passes through the model"),
-            "dsv4_prefill_step_prompts": ("histogram", "Prompts advanced together in one prefill pass"),
-            "dsv4_prefill_step_tokens": ("histogram", "Prompt tokens run in one prefill pass"),
-            "dsv4_prefill_requests": ("gauge", "Prompts in prefill, running or waiting"),
-            **KV_METRICS,
-        }, BUCKETS)
+        self.metrics = MetricSet(pb_utils, {**PREFILL_METRICS, **KV_METRICS}, PREFILL_BUCKETS)
         max_prompts = int(params["max_prompts"])
         cache_bytes = int(params["prefix_cache_bytes"])  # 0: what the GPU share leaves after the warm-up
         stage = PrefillStage(params["model_dir"], device, compute_dtype(params), limits.max_model_len,
@@ -132,20 +118,7 @@ class TritonPythonModel:
     def _report(self):
         if self.stopping.is_set():
             return
-        engine, m = self.engine, self.metrics
-        manager, stats = engine.stage.cache.manager, engine.stage.stats
-        m.total("dsv4_prefix_cache_hits_total", manager.prefix_hits)
-        m.total("dsv4_prefix_cache_misses_total", manager.prefix_misses)
-        m.total("dsv4_prefix_cache_hit_tokens_total", manager.prefix_hit_tokens)
-        m.total("dsv4_prefill_prompt_tokens_total", stats.prompt_tokens)
-        m.total("dsv4_prefill_computed_tokens_total", stats.computed_tokens)
-        m.total("dsv4_prefill_steps_total", stats.steps)
-        m.set("dsv4_prefill_requests", engine.held_requests())
-        while engine.step_sizes:
-            prompts, tokens = engine.step_sizes.popleft()
-            m.observe("dsv4_prefill_step_prompts", prompts)
-            m.observe("dsv4_prefill_step_tokens", tokens)
-        report_kv_usage(m, "prefill", manager.usage())
+        report_prefill(self.metrics, self.engine)
 
     def finalize(self):
         self.engine.stop()
