@@ -153,9 +153,11 @@ class PrefillStage:
         if not finished:
             return []
         configs = [job.config for job, _ in finished]
-        tokens = sample_tokens(torch.stack([row for _, row in finished]), [c.sampling() for c in configs],
-                               [c.seed for c in configs], [0] * len(configs), [c.min_tokens for c in configs],
-                               self.eos).tolist()
+        sampled = sample_tokens(torch.stack([row for _, row in finished]), [c.sampling() for c in configs],
+                                [c.seed for c in configs], [0] * len(configs), [c.min_tokens for c in configs], self.eos)
+        if self.model.device.type == "cuda":  # wait here, without the GIL: a decode loop beside it keeps stepping
+            torch.cuda.current_stream(self.model.device).synchronize()
+        tokens = sampled.tolist()
         out = []
         for (job, _), token in zip(finished, tokens):
             self.cache.publish(job.key, job.hashes)
