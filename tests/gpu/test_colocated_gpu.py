@@ -1,6 +1,8 @@
 """Prefill and decode in one process on the GPU (`Colocated`, two streams of different priority):
 running streams give the same tokens, to the bit, whether or not a long prompt is prefilled beside
-them; that prompt gives what it gives alone; nothing stays held. Prints the streams' inter-token
+them; that prompt gives what it gives alone; nothing stays held. The long prompt's decode row waits
+until the streams end (`max_batch` = their count): a step of a different batch size is a different
+graph whose rows need not match the smaller one's to the bit. Prints the streams' inter-token
 gaps with and without the concurrent prefill (figures for PERFORMANCE.md come from bench_e2e)."""
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dsv4.backend.tokenizer import TextCodec
 
 SHORT = [100, 333, 517, 64, 250, 901, 77, 1200]
 LONG = 24_000
-TOKENS = 64
+TOKENS = 128  # long enough for the long prompt's prefill to run beside the streams
 MAX_LEN = LONG + TOKENS + 64
 LONG_RID = 99
 
@@ -45,7 +47,7 @@ def _run(model, prompts: dict[int, list[int]], rids: list[int], long_after_token
     stage = PrefillStage(None, "cuda", model.dtype, MAX_LEN, 4 << 30, kv_format="fp8", max_prompts=8, model=model)
     cache = PagedCache.for_requests(model.cfg, model.dtype, "cuda", len(SHORT) + 1, MAX_LEN, kv_format="fp8")
     sink: queue.Queue = queue.Queue()
-    decode = DecodeEngine(model, cache, TextCodec.load(), lambda *item: sink.put(item), max_batch=16,
+    decode = DecodeEngine(model, cache, TextCodec.load(), lambda *item: sink.put(item), max_batch=len(SHORT),
                           max_model_len=MAX_LEN, stream=streams.decode)
     colocated = Colocated(stage, PrefillSettings(chunk=4096, token_budget=8192, max_prompts=8), decode,
                           lambda *item: sink.put(item), streams.prefill)
