@@ -1,8 +1,10 @@
 """Prefill and decode in one process on the GPU (`Colocated`, two streams of different priority):
-running streams give the same tokens, to the bit, whether or not a long prompt is prefilled beside
-them; that prompt gives what it gives alone; nothing stays held. The long prompt's decode row waits
-until the streams end (`max_batch` = their count): a step of a different batch size is a different
-graph whose rows need not match the smaller one's to the bit. Prints the streams' inter-token
+running streams compute the same logits, within bf16 rounding, whether or not a long prompt is
+prefilled beside them (compared step by step while their inputs are the same: a greedy token may
+flip where two logits nearly tie), and the run says whether they were equal to the bit; the long
+prompt gives what it gives alone; nothing stays held. The long prompt's decode row waits until the
+streams end (`max_batch` = their count): a step of another batch size is another graph, whose rows
+need not match the smaller one's to the bit. Prints the streams' inter-token
 gaps with and without the concurrent prefill (figures for PERFORMANCE.md come from bench_e2e)."""
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def _config(rid: int, n: int) -> RequestConfig:
 
 def _run(model, prompts: dict[int, list[int]], rids: list[int], long_after_tokens: int | None):
     """Serve `rids` submitted together; with `long_after_tokens`, the long prompt arrives once the
-    first stream has that many tokens. Returns ({rid: tokens}, {rid: chunk arrival times})."""
+    first stream has that many tokens. Returns ({rid: tokens}, {rid: chunk arrival times}, the
+    logits of each step that ran exactly `rids`)."""
     streams = stage_streams(model.device)
     stage = PrefillStage(None, "cuda", model.dtype, MAX_LEN, 4 << 30, kv_format="fp8", max_prompts=8, model=model)
     cache = PagedCache.for_requests(model.cfg, model.dtype, "cuda", len(SHORT) + 1, MAX_LEN, kv_format="fp8")
@@ -51,6 +54,16 @@ def _run(model, prompts: dict[int, list[int]], rids: list[int], long_after_token
                           max_model_len=MAX_LEN, stream=streams.decode)
     colocated = Colocated(stage, PrefillSettings(chunk=4096, token_budget=8192, max_prompts=8), decode,
                           lambda *item: sink.put(item), streams.prefill)
+    logits = []  # every step's logits of the streams' rows (a step runs all of them while they last)
+    step = decode.runner.step
+
+    def recording_step():
+        tokens = step()
+        if decode.runner.size == len(rids):
+            logits.append(decode.runner.last_logits.float().clone())
+        return tokens
+
+    decode.runner.step = recording_step
     for rid in rids:  # queued before the loops start: every run batches them alike
         colocated.submit(rid, np.array(prompts[rid], dtype=np.int32), _config(rid, len(prompts[rid])))
     colocated.start()
@@ -75,7 +88,7 @@ def _run(model, prompts: dict[int, list[int]], rids: list[int], long_after_token
     assert decode.active == {} and decode.runner.size == 0 and colocated.held_requests() == 0
     for pool in (cache, stage.cache):
         assert all(u.used == 0 for u in pool.manager.usage().values())
-    return tokens, times
+    return tokens, times, logits
 
 
 def _gaps_ms(times: dict[int, list[float]], rids) -> list[float]:
@@ -87,13 +100,21 @@ def test_streams_are_the_same_with_a_long_prefill_beside_them(gpu_models):
     prompts = _prompts(model.cfg)
     short = list(range(len(SHORT)))
     _run(model, prompts, short[:2], None)  # compiles every kernel variant first: the timed runs need none
-    alone, alone_times = _run(model, prompts, short, None)
-    beside, beside_times = _run(model, prompts, short, long_after_tokens=8)
-    for rid in short:
-        assert len(alone[rid]) == TOKENS and beside[rid] == alone[rid], rid
-    long_alone, _ = _run(model, prompts, [LONG_RID], None)
+    alone, alone_times, alone_logits = _run(model, prompts, short, None)
+    beside, beside_times, beside_logits = _run(model, prompts, short, long_after_tokens=8)
+    assert all(len(alone[rid]) == TOKENS for rid in short)
+    # step k's inputs are each stream's tokens 0..k: the same in both runs up to the first that differs
+    same_inputs = min(next((k for k, (a, b) in enumerate(zip(alone[r], beside[r])) if a != b), TOKENS) for r in short)
+    bitwise, worst = 0, 0.0
+    for a, b in zip(alone_logits[:same_inputs], beside_logits[:same_inputs]):
+        bitwise += bool(torch.equal(a, b))
+        worst = max(worst, float((a - b).abs().max() / a.abs().max()))
+    print(f"\nstreams beside a {LONG:,}-token prefill: tokens equal for {same_inputs} of {TOKENS} steps; logits of "
+          f"{bitwise} of {same_inputs} steps equal to the bit, largest difference {worst:.3g} of the largest logit")
+    assert same_inputs > 8 and worst < 2e-2  # bf16 rounding, not another request's state
+    long_alone, _, _ = _run(model, prompts, [LONG_RID], None)
     assert beside[LONG_RID] == long_alone[LONG_RID]
     quiet, busy = _gaps_ms(alone_times, short), _gaps_ms(beside_times, short)
-    print(f"\ninter-token gaps of {len(short)} streams: alone p50 {statistics.median(quiet):.2f} ms, "
+    print(f"inter-token gaps of {len(short)} streams: alone p50 {statistics.median(quiet):.2f} ms, "
           f"p99 {np.percentile(quiet, 99):.2f} ms; beside a {LONG:,}-token prefill p50 {statistics.median(busy):.2f} ms, "
           f"p99 {np.percentile(busy, 99):.2f} ms")
