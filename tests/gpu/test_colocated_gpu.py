@@ -64,9 +64,16 @@ def _run(model, prompts: dict[int, list[int]], rids: list[int], long_after_token
         return tokens
 
     decode.runner.step = recording_step
-    for rid in rids:  # queued before the loops start: every run batches them alike
+    for rid in rids:  # queued before the loops start: every run prefills them in one pass
         colocated.submit(rid, np.array(prompts[rid], dtype=np.int32), _config(rid, len(prompts[rid])))
-    colocated.start()
+    # decode starts once every state is handed over, so all rows join its first step in every run
+    # (rows that join a step apart run some steps at another batch size: another graph, other bits)
+    colocated.prefill.start()
+    deadline = time.monotonic() + 120
+    while decode.arrivals.qsize() < len(rids):
+        assert time.monotonic() < deadline, "prefill did not hand every prompt over"
+        time.sleep(0.01)
+    decode.start()
     tokens = {rid: [] for rid in rids}
     times = {rid: [] for rid in rids}
     open_rids = set(rids)
