@@ -119,7 +119,10 @@ class PrefillStage:
 
     def begin(self, input_ids: np.ndarray | list[int], config: RequestConfig) -> PrefillJob | None:
         """Reserve the prompt's blocks (resuming at a cached prefix); None while the cache is too full."""
-        ids = [int(t) for t in np.asarray(input_ids).reshape(-1)]
+        # from the array, not element by element: a long prompt's conversion would otherwise hold the
+        # GIL for tens of milliseconds, stalling a decode loop in the same process
+        array = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        ids = array.tolist()
         if not ids:
             raise ValueError("prefill needs at least one prompt token")
         hashes = chain_hashes(ids)
@@ -133,7 +136,7 @@ class PrefillStage:
         self.stats.prompt_tokens += len(ids)
         self.stats.computed_tokens += len(ids) - start
         stops = [b * BLOCK_TOKENS for b in snapshot_boundaries(len(ids), self.snapshot_interval) if b * BLOCK_TOKENS > start]
-        prompt = torch.as_tensor(ids, dtype=torch.long, device=self.model.device)
+        prompt = torch.from_numpy(array).to(self.model.device)
         return PrefillJob(key, ids, config, hashes, seq, prompt, [*stops, len(ids)])
 
     def step(self, plan: list[tuple[PrefillJob, int]]) -> list[tuple[PrefillJob, PrefillResult]]:
