@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--experts-batches", type=_ints, default="1,128", help="decode batches of that shape")
     p.add_argument("--stage-layout", choices=["colocated", "split"], default="colocated",
                    help="dsv4-serve's --stage-layout for the served half (default colocated, dsv4-serve's on cuda)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="one more dsv4-serve flag for the served half, e.g. "
+                        "--serve-arg=--prefill-token-budget=8192 (repeatable)")
     p.add_argument("--no-triton", action="store_true")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-longest", action="store_true", help="skip the longest-sequence probe")
@@ -435,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             "commit": commit, "date": str(datetime.date.today()), "gpu": name, "model": model_name,
             "command": "python scripts/bench_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "kv_format": args.kv_format,
-            "weight_read_floor_ms": floor_ms, "stage_layout": args.stage_layout, "server_start_s": _num(served["start_s"]),
+            "weight_read_floor_ms": floor_ms, "stage_layout": args.stage_layout, "serve_args": args.serve_arg,
+            "server_start_s": _num(served["start_s"]),
             "server_gpu_memory": served["gpu_memory"],
             "decode": [decode_row(n, k, r, theirs) for n, k, r, theirs in rows]
                       + ([decode_row(model_name, (1, longest["tokens"]), {"step_ms": longest["decode_step_ms"]}, None)]

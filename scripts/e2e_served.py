@@ -60,7 +60,7 @@ def server_args(args, layout) -> list[str]:
             "--max-tokens-limit", str(max(t for _, t in requests)),
             "--max-sequences", str(rows), "--max-batch", str(rows),
             *(cpu_pool_args(layout, phases) if args.device == "cpu" else []), "--kv-format", args.kv_format,
-            "--stage-layout", getattr(args, "stage_layout", "colocated")]
+            "--stage-layout", getattr(args, "stage_layout", "colocated"), *getattr(args, "serve_arg", [])]
 
 
 class Streams:

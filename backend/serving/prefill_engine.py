@@ -67,7 +67,8 @@ class Pending:
 
 
 class PrefillEngine:
-    def __init__(self, stage: PrefillStage, settings: PrefillSettings, sink: Sink, stream: torch.cuda.Stream | None = None):
+    def __init__(self, stage: PrefillStage, settings: PrefillSettings, sink: Sink,
+                 stream: torch.cuda.Stream | None = None):
         self.stage, self.settings, self.sink = stage, settings, sink
         self.stream = stream  # where the loop queues its passes (None: the device's current stream)
         self.arrivals: queue.Queue[Pending] = queue.Queue()

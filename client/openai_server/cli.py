@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import secrets
 import sys
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout,
-                # the standard asyncio loop: the one the grpc.aio client is tested on here
-                loop="asyncio")
+                # the standard asyncio loop: the one the grpc.aio client is tested on here; httptools
+                # (a dependency) parses HTTP in C, h11 is uvicorn's pure-Python parser for environments without it
+                loop="asyncio", http="httptools" if importlib.util.find_spec("httptools") else "h11")
     return 0

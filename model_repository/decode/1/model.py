@@ -181,7 +181,8 @@ class TritonPythonModel:
         try:
             ids = (prompt.as_numpy().copy() if prompt.is_cpu()
                    else torch.utils.dlpack.from_dlpack(prompt.to_dlpack()).cpu().numpy())
-            config = RequestConfig.from_json(pb_utils.get_input_tensor_by_name(request, "request_config").as_numpy().reshape(-1)[0])
+            raw = pb_utils.get_input_tensor_by_name(request, "request_config").as_numpy().reshape(-1)[0]
+            config = RequestConfig.from_json(raw)
         except Exception as exc:
             sender.send(error_response(pb_utils, "INTERNAL", f"decode could not read its inputs: {exc}"), flags=FINAL)
             return
