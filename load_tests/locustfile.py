@@ -6,8 +6,10 @@ The protocol follows the host's scheme::
         --scenario short_chat --raw-out runs/short_chat.jsonl
     locust -f load_tests/locustfile.py --headless -u 8 -r 8 -t 60s --host http://127.0.0.1:8000 \\
         --scenario long_prompt
+    locust -f load_tests/locustfile.py --headless -u 4 -r 4 -t 60s --host openai://127.0.0.1:9000 \\
+        --scenario short_chat      # through dsv4-openai, the path AIPerf and the OpenAI SDKs take
 
-Per request it fires one real event (request_type "gRPC" or "HTTP", response time = end to
+Per request it fires one real event (request_type "gRPC", "HTTP" or "OpenAI", response time = end to
 end, failure = any error; abandoned requests are named "<kind> [cancelled]") and pseudo-events
 of request_type "METRIC" named "ttft" and "itl" (genai-perf definitions) that Locust keeps out
 of its "Aggregated" totals. Every request is also written, unrounded, to the JSONL file of
@@ -39,12 +41,15 @@ except ImportError:  # run by path from elsewhere: make the repository root impo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsv4.client import ClientError, GenerationRequest, GrpcClient, parse_url  # noqa: E402
+from dsv4.client.types import ServerError  # noqa: E402
 from dsv4.client.http_client import SSEParser, chunk_from_event, error_from_body, iter_body  # noqa: E402
+from load_tests.openai_events import chunk_from_openai, request_body  # noqa: E402
 from load_tests.samples import SampleWriter, Trace  # noqa: E402
 from load_tests.scenario import Pacer, RequestSpec, Scenario, load_scenario  # noqa: E402
 
 METRIC = "METRIC"
 DEFAULT_HOST = "grpc://127.0.0.1:8001"
+OPENAI_SCHEME = "openai://"  # an OpenAI-compatible front end over plain HTTP (dsv4-openai)
 log = logging.getLogger("dsv4.load")
 
 
@@ -92,8 +97,9 @@ def _keep_metrics_out_of_totals(environment: Environment) -> None:
 def _on_init(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
     host = environment.host or DEFAULT_HOST
-    endpoint = parse_url(host)
-    STATE.protocol = endpoint.protocol
+    openai = host.lower().startswith(OPENAI_SCHEME)
+    endpoint = parse_url("http://" + host[len(OPENAI_SCHEME):] if openai else host)
+    STATE.protocol = "openai" if openai else endpoint.protocol
     STATE.address = endpoint.address
     STATE.scenario = load_scenario(options.scenario if options else "short_chat")
     STATE.model = options.model if options else "dsv4"
@@ -103,16 +109,16 @@ def _on_init(environment: Environment, **_: Any) -> None:
         raw = f"{raw}.{environment.runner.client_id}"
     STATE.writer = SampleWriter(raw)
 
-    wanted = GrpcStreamUser if endpoint.protocol == "grpc" else HttpStreamUser
-    if wanted is HttpStreamUser:
-        HttpStreamUser.host = endpoint.address
+    wanted = {"grpc": GrpcStreamUser, "http": HttpStreamUser, "openai": OpenAIStreamUser}[STATE.protocol]
+    if wanted is not GrpcStreamUser:
+        wanted.host = endpoint.address
     environment.user_classes[:] = [
-        c for c in environment.user_classes if c is wanted or c not in (GrpcStreamUser, HttpStreamUser)
+        c for c in environment.user_classes if c is wanted or c not in (GrpcStreamUser, HttpStreamUser, OpenAIStreamUser)
     ]
     if wanted not in environment.user_classes:
         raise SystemExit(f"host {host!r} needs {wanted.__name__}, which was not selected")
     _keep_metrics_out_of_totals(environment)
-    log.info("dsv4 load test: scenario=%s protocol=%s host=%s raw=%s", STATE.scenario.name, endpoint.protocol,
+    log.info("dsv4 load test: scenario=%s protocol=%s host=%s raw=%s", STATE.scenario.name, STATE.protocol,
              endpoint.address, raw)
 
 
@@ -275,3 +281,61 @@ class HttpStreamUser(HttpUser):
             if chunk is not None:
                 trace.add(chunk)
         return False
+
+
+class OpenAIStreamUser(HttpUser):
+    """POSTs streamed chat (or text) completions to an OpenAI-compatible front end and reads its
+    server-sent events; token counts come from the `token_ids` the server returns. The key, if the
+    front end asks for one, comes from DSV4_OPENAI_API_KEY."""
+
+    host = "http://127.0.0.1:9000"
+
+    def wait_time(self) -> float:
+        return self.driver.wait_s()
+
+    def on_start(self) -> None:
+        self.driver = _Driver(self)
+        self.client.base_url = STATE.address  # --host is openai://..., which requests cannot open
+        key = os.environ.get("DSV4_OPENAI_API_KEY")
+        self.headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity",
+                        **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    @task
+    def generate(self) -> None:
+        spec, request, cancel_after = self.driver.next_request()
+        path, body = request_body(request, STATE.model)
+        trace = Trace(time.time(), time.perf_counter())
+        error: BaseException | None = None
+        cancelled = False
+        with self.client.post(path, json=body, headers=self.headers, stream=True, catch_response=True,
+                              name=spec.name, timeout=(10.0, STATE.scenario.timeout_s)) as response:
+            try:
+                if response.status_code != 200:
+                    error = ServerError(f"HTTP {response.status_code}: {(response.content or b'')[:300]!r}")
+                else:
+                    cancelled = _read_openai_events(response, trace, cancel_after)
+            except Exception as e:  # an error event, a dropped connection, a read timeout
+                error = e
+            name, e2e_ms = self.driver.record(spec, trace, end_perf=time.perf_counter(), cancelled=cancelled,
+                                              error=error)
+            response.request_meta.update(request_type="OpenAI", name=name, response_time=e2e_ms,
+                                         response_length=trace.text_bytes)
+            if error is None:
+                response.success()
+            else:
+                response.failure(error)
+
+
+def _read_openai_events(response: Any, trace: Trace, cancel_after: int | None) -> bool:
+    parser = SSEParser()
+    for data in iter_body(response.raw):
+        now = time.perf_counter()
+        for event in parser.feed(data):
+            chunk = chunk_from_openai(event, now)
+            if chunk is None:
+                return False
+            trace.add(chunk)
+            if cancel_after is not None and trace.num_output_tokens >= cancel_after and not chunk.finish_reason:
+                response.close()
+                return True
+    return False

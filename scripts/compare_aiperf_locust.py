@@ -1,5 +1,6 @@
-"""Run AIPerf (through dsv4-openai) and the project's Locust suite (straight to Triton) on the same
-server and scenario, and compare their TTFT and inter-token latency.
+"""Run AIPerf (through dsv4-openai) and the project's Locust suite (straight to Triton, or with
+--locust-path openai through dsv4-openai too) on the same server and scenario, and compare their
+TTFT and inter-token latency.
 
     python scripts/compare_aiperf_locust.py --grpc-url 127.0.0.1:8001 --openai-url http://127.0.0.1:9000 \\
         --users 1,4 --duration 60 --rounds 2 --out runs/aiperf-vs-locust
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -108,10 +110,12 @@ def measured(run, metrics_url: str) -> dict:
 
 
 def run_locust(args, users: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "load_tests.run", "--scenario", args.scenario, "--host", f"grpc://{args.grpc_url}",
+    host = f"grpc://{args.grpc_url}" if args.locust_path == "triton" else "openai://" + args.openai_url.split("://", 1)[-1]
+    cmd = [sys.executable, "-m", "load_tests.run", "--scenario", args.scenario, "--host", host,
            "--users", str(users), "--duration", f"{args.duration + args.warmup}s", "--warmup-s", str(args.warmup),
            "--out", str(out)]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    env = {**os.environ, **({"DSV4_OPENAI_API_KEY": args.api_key} if args.api_key else {})}
+    subprocess.run(cmd, cwd=ROOT, check=True, env=env)
     summary = json.loads((out / "report" / "summary.json").read_text())
     (run,) = summary["runs"]
     return {name: {"avg": run[key]["avg"], "p50": run[key]["p50"], "count": run[key]["count"]}
@@ -156,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", default="1", help="concurrency levels, e.g. 1,4")
     p.add_argument("--duration", type=int, default=60, help="seconds measured per tool and level (default 60)")
     p.add_argument("--warmup", type=int, default=5, help="seconds at the start of each run not counted (default 5)")
+    p.add_argument("--locust-path", choices=["triton", "openai"], default="triton",
+                   help="Locust straight to Triton over gRPC (triton), or through dsv4-openai like AIPerf (openai): "
+                        "the second compares the tools on one path, the first adds the OpenAI layer's cost to AIPerf's side")
     p.add_argument("--rounds", type=int, default=1,
                    help="times each level is measured by both tools, which go first in turn; from 3 rounds the "
                         "judgement is on each level's medians over rounds (a machine whose speed drifts between "
@@ -191,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(abs(v) <= args.tolerance for r in (summary if by_median else rows) for v in
              (r["ttft_diff"], r["itl_diff"]))
     (args.out / "comparison.json").write_text(json.dumps({"scenario": args.scenario, "duration_s": args.duration,
-                                                          "warmup_s": args.warmup, "judged_by": "median" if by_median else "each run",
+                                                          "warmup_s": args.warmup, "locust_path": args.locust_path, "judged_by": "median" if by_median else "each run",
                                                           "medians": summary, "rows": rows}, indent=2))
     print("\n" + "\n".join([HEADER, *map(format_row, rows)]))
     if len(rows) > len(summary):

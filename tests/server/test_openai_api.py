@@ -251,3 +251,26 @@ def test_wrong_or_missing_key_is_401(openai_url):
         urllib.request.urlopen(request, timeout=10)
     assert missing.value.code == 401
     assert set(json.loads(missing.value.read())["error"]) == {"message", "type", "param", "code"}
+
+
+def test_locust_through_the_openai_api_counts_what_the_server_generated(server, openai_url, tmp_path, monkeypatch):
+    """The load test's OpenAI user (the path AIPerf takes) against dsv4-openai: every request ok, its
+    token ids add up to the usage the server reports, and no more tokens are counted than decode made
+    (requests still running when the run's time is up are stopped and not recorded)."""
+    from load_tests import run as load_run
+    from load_tests.report import read_samples
+
+    monkeypatch.setenv("DSV4_OPENAI_API_KEY", KEY)
+    _wait_idle(server)
+    before = metric(server.metrics_url, "vllm:generation_tokens_total")
+    code = load_run.main(["--scenario", "short_chat", "--host", f"openai://{openai_url.split('://', 1)[1]}",
+                          "--users", "2", "--duration", "8s", "--out", str(tmp_path), "--no-plots"])
+    assert code == 0
+    samples = read_samples([tmp_path / "raw-u2.jsonl"])
+    assert samples and all(s["status"] == "ok" and s["protocol"] == "openai" for s in samples), samples[:2]
+    assert all(s["t_first"] is not None and s["t_first"] > s["t0"] and 1 <= s["num_output_tokens"] <= 64 for s in samples)
+    assert all(sum(s["chunk_tokens"]) == s["num_output_tokens"] for s in samples)
+    _wait_idle(server)
+    time.sleep(0.3)  # counters are published every 0.1 s
+    made = metric(server.metrics_url, "vllm:generation_tokens_total") - before
+    assert 0 < sum(s["num_output_tokens"] for s in samples) <= made
