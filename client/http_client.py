@@ -52,6 +52,7 @@ __all__ = [
     "SSEEvent",
     "SSEParser",
     "chunk_from_event",
+    "event_object",
     "error_from_body",
     "iter_body",
     "result_from_body",
@@ -161,14 +162,20 @@ def error_from_body(status: int, body: bytes) -> ClientError:
     return error_from_http_status(status, message or f"HTTP {status}")
 
 
-def chunk_from_event(event: SSEEvent, arrival_s: float) -> StreamChunk | None:
-    """Turn one SSE event into a chunk; raises the mapped error for an ``{"error": ...}`` event."""
+def event_object(event: SSEEvent) -> dict[str, Any]:
+    """An SSE event's JSON object; ServerError when the data is not one."""
     try:
         obj = json.loads(event.data)
     except ValueError as e:
         raise ServerError(f"malformed event from server: {event.data[:200]!r}") from e
     if not isinstance(obj, dict):
         raise ServerError(f"unexpected event from server: {event.data[:200]!r}")
+    return obj
+
+
+def chunk_from_event(event: SSEEvent, arrival_s: float) -> StreamChunk | None:
+    """Turn one SSE event into a chunk; raises the mapped error for an ``{"error": ...}`` event."""
+    obj = event_object(event)
     if "error" in obj:
         raise error_from_message(str(obj["error"]))
     return chunk_from_json(obj, arrival_s)

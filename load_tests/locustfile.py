@@ -30,6 +30,7 @@ import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 from locust import HttpUser, User, events, task  # noqa: E402
@@ -41,8 +42,8 @@ except ImportError:  # run by path from elsewhere: make the repository root impo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsv4.client import ClientError, GenerationRequest, GrpcClient, parse_url  # noqa: E402
-from dsv4.client.types import ServerError  # noqa: E402
-from dsv4.client.http_client import SSEParser, chunk_from_event, error_from_body, iter_body  # noqa: E402
+from dsv4.client.types import ServerError, StreamChunk  # noqa: E402
+from dsv4.client.http_client import SSEEvent, SSEParser, chunk_from_event, error_from_body, iter_body  # noqa: E402
 from load_tests.openai_events import chunk_from_openai, request_body  # noqa: E402
 from load_tests.samples import SampleWriter, Trace  # noqa: E402
 from load_tests.scenario import Pacer, RequestSpec, Scenario, load_scenario  # noqa: E402
@@ -247,7 +248,7 @@ class HttpStreamUser(HttpUser):
                 if response.status_code != 200:
                     error = error_from_body(response.status_code, response.content or b"")
                 else:
-                    cancelled = self._read_events(response, trace, cancel_after)
+                    cancelled = _read_events(response, trace, cancel_after, chunk_from_event)
             except ClientError as e:
                 error = e
             except Exception as e:  # connection dropped, read timeout
@@ -262,25 +263,6 @@ class HttpStreamUser(HttpUser):
                 response.success()
             else:
                 response.failure(error)
-
-    @staticmethod
-    def _read_events(response: Any, trace: Trace, cancel_after: int | None) -> bool:
-        parser = SSEParser()
-        for data in iter_body(response.raw):
-            now = time.perf_counter()
-            for event in parser.feed(data):
-                chunk = chunk_from_event(event, now)
-                if chunk is None:
-                    continue
-                trace.add(chunk)
-                if cancel_after is not None and trace.num_output_tokens >= cancel_after and not chunk.finish_reason:
-                    response.close()
-                    return True
-        for event in parser.close():
-            chunk = chunk_from_event(event, time.perf_counter())
-            if chunk is not None:
-                trace.add(chunk)
-        return False
 
 
 class OpenAIStreamUser(HttpUser):
@@ -313,7 +295,7 @@ class OpenAIStreamUser(HttpUser):
                 if response.status_code != 200:
                     error = ServerError(f"HTTP {response.status_code}: {(response.content or b'')[:300]!r}")
                 else:
-                    cancelled = _read_openai_events(response, trace, cancel_after)
+                    cancelled = _read_events(response, trace, cancel_after, chunk_from_openai)
             except Exception as e:  # an error event, a dropped connection, a read timeout
                 error = e
             name, e2e_ms = self.driver.record(spec, trace, end_perf=time.perf_counter(), cancelled=cancelled,
@@ -326,16 +308,23 @@ class OpenAIStreamUser(HttpUser):
                 response.failure(error)
 
 
-def _read_openai_events(response: Any, trace: Trace, cancel_after: int | None) -> bool:
+def _read_events(response: Any, trace: Trace, cancel_after: int | None,
+                 to_chunk: Callable[[SSEEvent, float], StreamChunk | None]) -> bool:
+    """Add each server-sent event's chunk to `trace` as it arrives (`to_chunk` gives None for events
+    without one); True when the stream was abandoned after `cancel_after` tokens."""
     parser = SSEParser()
     for data in iter_body(response.raw):
         now = time.perf_counter()
         for event in parser.feed(data):
-            chunk = chunk_from_openai(event, now)
+            chunk = to_chunk(event, now)
             if chunk is None:
-                return False
+                continue
             trace.add(chunk)
             if cancel_after is not None and trace.num_output_tokens >= cancel_after and not chunk.finish_reason:
                 response.close()
                 return True
+    for event in parser.close():
+        chunk = to_chunk(event, time.perf_counter())
+        if chunk is not None:
+            trace.add(chunk)
     return False

@@ -4,11 +4,10 @@ and counted exactly like the gRPC and HTTP ones (tokens from the `token_ids` the
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from dsv4.client import GenerationRequest
-from dsv4.client.http_client import SSEEvent
+from dsv4.client.http_client import SSEEvent, event_object
 from dsv4.client.types import ServerError, StreamChunk
 
 DONE = "[DONE]"
@@ -39,12 +38,7 @@ def chunk_from_openai(event: SSEEvent, arrival_s: float) -> StreamChunk | None:
     event raises ServerError with the server's message."""
     if event.data.strip() == DONE:
         return None
-    try:
-        obj = json.loads(event.data)
-    except ValueError as e:
-        raise ServerError(f"malformed event from server: {event.data[:200]!r}") from e
-    if not isinstance(obj, dict):
-        raise ServerError(f"unexpected event from server: {event.data[:200]!r}")
+    obj = event_object(event)
     if "error" in obj:
         error = obj["error"]
         raise ServerError(str(error.get("message", error) if isinstance(error, dict) else error))
