@@ -1,0 +1,226 @@
+"""Where decode's steps and prefill's passes lose time when they share one process and one GPU.
+
+Runs the colocated engines (`backend/serving/colocated.py`) in-process on random flash-mini
+weights, without Triton, and profiles two situations with torch.profiler:
+
+- **a long prompt beside running streams**: `--streams` streams decode while one `--long`-token
+  prompt is prefilled, once per `--chunks` value. Prints the streams' inter-token gaps quiet and
+  during the prefill, and from the trace (`trace_overlap.analyse`) whether the slow steps were
+  launched late (host, GIL), queued, or stretched on the GPU, with the prefill kernels beside them.
+- **a burst of short prompts**: `--burst` prompts of `--burst-tokens` arrive together, once alone
+  and once beside `--busy-streams` decoding streams; prints their first-token times and how busy
+  the GPU was with prefill in that span (busy well below the span: the passes are host-bound).
+
+GPU only. Example: `python scripts/profile_colocated.py --long 131072 --chunks 8192,2048 --json out.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsv4.backend import presets
+from dsv4.backend.checkpoint.writer import randomize_weights
+from dsv4.backend.kv_cache.paged_cache import PagedCache
+from dsv4.backend.model.transformer import Transformer
+from dsv4.backend.serving.colocated import Colocated
+from dsv4.backend.serving.decode_engine import DecodeEngine
+from dsv4.backend.serving.prefill_engine import PrefillSettings
+from dsv4.backend.serving.prefill_stage import PrefillStage
+from dsv4.backend.serving.request import RequestConfig
+from dsv4.backend.serving.streams import stage_streams
+from dsv4.backend.tokenizer import TextCodec
+
+from dsv4.scripts import trace_overlap
+
+FOREVER = 1 << 20  # streams decode until cancelled
+CPU_ACTIVITY = False  # --cpu-activity: also record host ops (slows the host; CUDA alone keeps runtime calls)
+
+
+class Rig:
+    """Colocated engines on one model; `sink` arrivals are timed per request id."""
+
+    def __init__(self, model, chunk: int, budget: int, max_prompts: int, rows: int, max_len: int, prefill_gib: float):
+        streams = stage_streams(model.device)
+        self.stage = PrefillStage(None, "cuda", model.dtype, max_len, int(prefill_gib * (1 << 30)), kv_format="fp8",
+                                  max_prompts=max_prompts, model=model)
+        cache = PagedCache.for_requests(model.cfg, model.dtype, "cuda", rows, max_len, kv_format="fp8")
+        self.sink: queue.Queue = queue.Queue()
+        self.decode = DecodeEngine(model, cache, TextCodec.load(), lambda *item: self.sink.put((time.perf_counter(), *item)),
+                                   max_batch=rows, max_model_len=max_len, stream=streams.decode)
+        self.colocated = Colocated(self.stage, PrefillSettings(chunk=chunk, token_budget=budget, max_prompts=max_prompts),
+                                   self.decode, lambda *item: self.sink.put((time.perf_counter(), *item)), streams.prefill)
+        self.stage.warm_up(chunk, self.colocated.prefill.settings.widest_pass)
+        self.colocated.start()
+        self.times: dict[int, list[float]] = {}
+        self.sent: dict[int, float] = {}
+        self.done: set[int] = set()
+        self.g = torch.Generator().manual_seed(0)
+        self.vocab = model.cfg.vocab_size
+
+    def submit(self, rid: int, n: int, max_tokens: int) -> None:
+        ids = torch.randint(1000, self.vocab - 1000, (n,), generator=self.g).numpy().astype(np.int32)
+        config = RequestConfig(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0, seed=rid, stream=True,
+                               num_input_tokens=n)
+        self.times[rid], self.sent[rid] = [], time.perf_counter()
+        self.colocated.submit(rid, ids, config)
+
+    def pump(self, until, timeout_s: float = 600.0) -> None:
+        """Read arrivals until `until()` holds."""
+        deadline = time.monotonic() + timeout_s
+        while not until():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the engines did not get there in time")
+            try:
+                at, rid, chunk, error = self.sink.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if error is not None:
+                raise RuntimeError(f"request {rid}: {error}")
+            self.times[rid].extend([at] * max(1, len(chunk.token_ids)))
+            if chunk.final:
+                self.done.add(rid)
+
+    def stop(self) -> None:
+        for rid in self.times:
+            if rid not in self.done:
+                self.colocated.cancel(rid)
+        self.colocated.stop()
+
+
+def _gaps_ms(times: dict[int, list[float]], rids, lo: float, hi: float) -> list[float]:
+    return [(b - a) * 1e3 for rid in rids for a, b in zip(times[rid], times[rid][1:]) if lo <= b <= hi]
+
+
+def _pcts(gaps: list[float]) -> dict:
+    if not gaps:
+        return {"n": 0}
+    return {"n": len(gaps), "p50": statistics.median(gaps), "p99": float(np.percentile(gaps, 99)), "max": max(gaps)}
+
+
+def _profiled(fn):
+    """Run fn under torch.profiler (CUDA activity); returns fn's result and the trace's path."""
+    path = Path(tempfile.mkdtemp()) / "trace.json"
+    activities = [torch.profiler.ProfilerActivity.CUDA, *([torch.profiler.ProfilerActivity.CPU] if CPU_ACTIVITY else [])]
+    with torch.profiler.profile(activities=activities) as prof:
+        result = fn()
+    prof.export_chrome_trace(str(path))
+    return result, path
+
+
+def long_beside_streams(model, args, chunk: int) -> dict:
+    max_len = args.long + 4096
+    rig = Rig(model, chunk, 2 * chunk, 8, args.streams + 1, max_len, args.prefill_gib)
+    rids = list(range(args.streams))
+    try:
+        for rid in rids:
+            rig.submit(rid, args.stream_prompt, FOREVER)
+        rig.pump(lambda: all(len(rig.times[r]) >= 32 for r in rids))
+        quiet_from = time.perf_counter()
+        rig.pump(lambda: time.perf_counter() - quiet_from > 1.0)
+        quiet_to = time.perf_counter()
+
+        def prefill_long():
+            rig.submit(1000, args.long, 2)
+            rig.pump(lambda: len(rig.times[1000]) >= 1)
+            return time.perf_counter()
+
+        first_token, trace = _profiled(prefill_long)
+        out = {"chunk": chunk, "long_tokens": args.long, "long_ttft_s": first_token - rig.sent[1000],
+               "quiet": _pcts(_gaps_ms(rig.times, rids, quiet_from, quiet_to)),
+               "during": _pcts(_gaps_ms(rig.times, rids, rig.sent[1000], first_token)),
+               "trace": trace_overlap.analyse(trace)}
+    finally:
+        rig.stop()
+    return out
+
+
+def burst(model, args, beside: bool) -> dict:
+    rows = args.busy_streams + args.burst
+    rig = Rig(model, args.chunk, args.budget, args.max_prompts, rows, 4096 + args.burst_tokens, args.prefill_gib)
+    busy = list(range(args.busy_streams)) if beside else []
+    try:
+        for rid in busy:
+            rig.submit(rid, 1024, FOREVER)
+        rig.pump(lambda: all(len(rig.times[r]) >= 32 for r in busy))
+        burst_rids = list(range(1000, 1000 + args.burst))
+        passes_before = len(rig.colocated.prefill.step_sizes)
+
+        def arrive_together():
+            for rid in burst_rids:
+                rig.submit(rid, args.burst_tokens, 2)
+            rig.pump(lambda: all(len(rig.times[r]) >= 1 for r in burst_rids))
+
+        _, trace = _profiled(arrive_together)
+        ttfts = sorted(rig.times[r][0] - rig.sent[r] for r in burst_rids)
+        lo, hi = min(rig.sent[r] for r in burst_rids), max(rig.times[r][0] for r in burst_rids)
+        out = {"beside_streams": len(busy), "prompts": args.burst, "prompt_tokens": args.burst_tokens,
+               "first_ttft_s": ttfts[0], "last_ttft_s": ttfts[-1],
+               "passes": len(rig.colocated.prefill.step_sizes) - passes_before,
+               "prefill_gpu": trace_overlap.busy(trace), "streams_gap_during": _pcts(_gaps_ms(rig.times, busy, lo, hi))}
+        if busy:
+            out["trace"] = {k: v for k, v in trace_overlap.analyse(trace, worst=3).items()
+                            if k in ("gap_ms", "launch_interval_ms", "span_ms", "worst_steps")}
+    finally:
+        rig.stop()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="flash-mini", help="model preset, random weights (default flash-mini)")
+    p.add_argument("--streams", type=int, default=4, help="streams decoding beside the long prompt (default 4)")
+    p.add_argument("--stream-prompt", type=int, default=1024, help="their prompt tokens (default 1024)")
+    p.add_argument("--long", type=int, default=131072, help="the long prompt's tokens (default 131072; 0: skip)")
+    p.add_argument("--chunks", default="8192,2048", help="prefill chunk sizes to try for the long prompt")
+    p.add_argument("--burst", type=int, default=8, help="short prompts arriving together (default 8; 0: skip)")
+    p.add_argument("--burst-tokens", type=int, default=1024)
+    p.add_argument("--busy-streams", type=int, default=32, help="streams decoding beside the burst (default 32)")
+    p.add_argument("--chunk", type=int, default=8192, help="prefill chunk for the burst (default 8192)")
+    p.add_argument("--budget", type=int, default=16384, help="prefill token budget for the burst (default 16384)")
+    p.add_argument("--max-prompts", type=int, default=8, help="prompts per prefill pass for the burst (default 8)")
+    p.add_argument("--prefill-gib", type=float, default=20.0, help="prefill pool (default 20 GiB)")
+    p.add_argument("--cpu-activity", action="store_true", help="profile host ops too (perturbs host-bound passes)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    global CPU_ACTIVITY
+    CPU_ACTIVITY = args.cpu_activity
+    if not torch.cuda.is_available():
+        print("profile_colocated needs a CUDA GPU", file=sys.stderr)
+        return 2
+    with torch.device("cuda"):
+        model = randomize_weights(Transformer(presets.preset(args.preset), torch.bfloat16), seed=3).eval()
+    report = {"gpu": torch.cuda.get_device_name(), "args": {k: str(v) for k, v in vars(args).items()}, "long": [], "burst": []}
+
+    def show(name, value):
+        print(f"## {name}\n{json.dumps(value, default=str)}", flush=True)
+
+    for chunk in ([int(c) for c in args.chunks.split(",")] if args.long else []):
+        try:
+            report["long"].append(long_beside_streams(model, args, chunk))
+            show(f"long prompt beside {args.streams} streams, chunk {chunk}", report["long"][-1])
+        except Exception as exc:  # the other settings still run
+            print(f"chunk {chunk} failed: {exc!r}", flush=True)
+    for beside in ((False, True) if args.burst else ()):
+        try:
+            report["burst"].append(burst(model, args, beside))
+            show(f"burst {'beside streams' if beside else 'alone'}", report["burst"][-1])
+        except Exception as exc:
+            print(f"burst (beside={beside}) failed: {exc!r}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
