@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 from tokenizers import Tokenizer
 
+from .tokenizer_split import encode_pieces, splittable
+
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 USER_TOKEN = "<｜User｜>"
@@ -118,6 +120,7 @@ class TextCodec:
         self.bos_id: int = bos_id
         self.eos_id: int = eos_id
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._splittable = splittable(tokenizer)  # long texts encode in pieces on all cores
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None) -> TextCodec:
@@ -138,7 +141,8 @@ class TextCodec:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids: list[int] = (encode_pieces(self.tokenizer, text) if self._splittable
+                          else self.tokenizer.encode(text, add_special_tokens=False).ids)
         if add_bos and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
