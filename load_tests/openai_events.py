@@ -25,7 +25,7 @@ def request_body(request: GenerationRequest, model: str) -> tuple[str, dict[str,
         path = "/v1/completions"
         body["prompt"] = request.prompt
         body["max_tokens"] = request.max_tokens
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in ("temperature", "top_p", "top_k", "seed", "min_tokens"):  # min_tokens: vLLM's extension
         if getattr(request, name) is not None:
             body[name] = getattr(request, name)
     if request.stop:

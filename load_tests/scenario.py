@@ -14,7 +14,7 @@ A scenario is a JSON file in ``load_tests/scenarios/`` (or any path)::
         {"name": "long", "weight": 1, "max_tokens": 128,
          "prompt": {"kind": "synthetic", "words": 4500, "seed": 7, "unique_prefix": true,
                     "instruction": "Summarise the text above in two sentences."}}
-      ],
+      ],                                             # a kind's "min_tokens": at least that many (EOS ignored)
       "pacing": {"kind": "closed", "think_time_s": 0.0}     # or {"kind": "poisson", "rate_per_s": 2.0}
       "cancel": {"probability": 0.5, "min_tokens": 1, "max_tokens": 32}   # optional
     }
@@ -108,6 +108,11 @@ class RequestSpec:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int | None = None  # = max_tokens: every request generates exactly that many (EOS ignored)
+
+    def __post_init__(self) -> None:
+        if self.min_tokens is not None and not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"request {self.name!r}: min_tokens must be between 0 and max_tokens ({self.max_tokens})")
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ class Scenario:
             # defeats prefix caching so every request pays the full prefill
             text = f"[request {serial}-{rng.getrandbits(32):08x}] {text}"
         common: dict[str, Any] = dict(
-            max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+            max_tokens=spec.max_tokens, min_tokens=spec.min_tokens, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
             seed=spec.seed, stop=spec.stop, timeout_s=self.timeout_s,
         )
         if p.chat:
@@ -210,14 +215,19 @@ def list_scenarios() -> list[str]:
     return sorted(p.stem for p in SCENARIO_DIR.glob("*.json"))
 
 
-def load_scenario(name_or_path: str) -> Scenario:
-    """Load ``scenarios/<name>.json`` or a JSON file path."""
+def scenario_path(name_or_path: str) -> Path:
+    """``scenarios/<name>.json`` or the JSON file path given."""
     path = Path(name_or_path)
     if not path.suffix:
         path = SCENARIO_DIR / f"{name_or_path}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no scenario {name_or_path!r}; known: {', '.join(list_scenarios())}")
-    return scenario_from_dict(json.loads(path.read_text()))
+    return path
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """Load ``scenarios/<name>.json`` or a JSON file path."""
+    return scenario_from_dict(json.loads(scenario_path(name_or_path).read_text()))
 
 
 class Pacer:

@@ -39,11 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # load_tests is a top-level folder of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
-from load_tests.scenario import load_scenario  # noqa: E402
+from load_tests.scenario import load_scenario, scenario_path  # noqa: E402
 from dsv4.scripts import server_metrics  # noqa: E402
 
 AIPERF_SPEC = "aiperf==0.13.0"
-AIPERF_TICKS_PER_S = 100
 METRICS = {"ttft": ("time_to_first_token_ms", "time_to_first_token"),
            "itl": ("inter_token_latency_ms", "inter_token_latency")}
 
@@ -71,8 +70,11 @@ def tokenizer_dir(out: Path) -> Path:
     return target
 
 
-def write_dataset(scenario_name: str, out: Path) -> tuple[Path, str, int, dict]:
-    """The scenario's user texts as an aiperf single_turn file; returns (file, system prompt, max_tokens, sampling)."""
+def write_dataset(scenario_name: str, out: Path, fixed_lengths: bool) -> tuple[Path, Path, str, dict]:
+    """The scenario's user texts as an aiperf single_turn file and the scenario Locust runs (with
+    `fixed_lengths`, both ask for exactly max_tokens: min_tokens = max_tokens, so a request that
+    would stop at EOS under one tool and not the other cannot make their loads differ); returns
+    (aiperf file, Locust scenario file, system prompt, aiperf's extra inputs)."""
     scenario = load_scenario(scenario_name)
     if len(scenario.requests) != 1 or scenario.requests[0].prompt.kind != "list" or not scenario.requests[0].prompt.chat:
         raise SystemExit(f"{scenario_name}: needs one request kind with a 'list' chat prompt (short_chat is one)")
@@ -81,7 +83,14 @@ def write_dataset(scenario_name: str, out: Path) -> tuple[Path, str, int, dict]:
     path.write_text("".join(json.dumps({"text": t, "output_length": spec.max_tokens}) + "\n" for t in spec.prompt.texts))
     sampling = {k: v for k, v in (("temperature", spec.temperature), ("top_p", spec.top_p), ("top_k", spec.top_k),
                                   ("seed", spec.seed)) if v is not None}
-    return path, spec.prompt.system or "", spec.max_tokens, sampling
+    raw = json.loads(scenario_path(scenario_name).read_text())
+    if fixed_lengths:
+        sampling["min_tokens"] = spec.max_tokens
+        for request in raw["requests"]:
+            request["min_tokens"] = request.get("max_tokens", spec.max_tokens)
+    locust_scenario = out / "scenario.json"
+    locust_scenario.write_text(json.dumps(raw, indent=1))
+    return path, locust_scenario, spec.prompt.system or "", sampling
 
 
 def measured(run, metrics_url: str) -> dict:
@@ -111,7 +120,7 @@ def measured(run, metrics_url: str) -> dict:
 
 def run_locust(args, users: int, out: Path) -> dict:
     host = f"grpc://{args.grpc_url}" if args.locust_path == "triton" else "openai://" + args.openai_url.split("://", 1)[-1]
-    cmd = [sys.executable, "-m", "load_tests.run", "--scenario", args.scenario, "--host", host,
+    cmd = [sys.executable, "-m", "load_tests.run", "--scenario", str(args.locust_scenario), "--host", host,
            "--users", str(users), "--duration", f"{args.duration + args.warmup}s", "--warmup-s", str(args.warmup),
            "--out", str(out)]
     env = {**os.environ, **({"DSV4_OPENAI_API_KEY": args.api_key} if args.api_key else {})}
@@ -129,8 +138,11 @@ def run_aiperf(args, exe: Path, users: int, dataset: Path, system: str, sampling
            "--dataset-sampling-strategy", "random", "--concurrency", str(users),
            # concurrency alone makes aiperf 0.13's timing manager spin (it polls for a free slot without
            # sleeping: most of a core); a constant rate far above the throughput keeps the loop closed
-           # (a freed slot is refilled within 10 ms) and lets it sleep between ticks
-           "--request-rate", str(AIPERF_TICKS_PER_S), "--arrival-pattern", "constant",
+           # (a freed slot is refilled within one tick) and lets it sleep between ticks. The ticks
+           # must be short: at 100 a second, requests that end together restart 10 ms apart, a spread
+           # Locust's closed loop does not have, and the two tools' prompts then share prefill passes
+           # at different rates
+           "--request-rate", str(args.aiperf_ticks), "--arrival-pattern", "constant",
            "--benchmark-duration", str(args.duration), "--warmup-duration", str(args.warmup),
            "--tokenizer", str(tokenizer), "--use-server-token-count", "--artifact-dir", str(out),
            "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry",
@@ -169,13 +181,18 @@ def main(argv: list[str] | None = None) -> int:
                         "minutes moves single runs apart)")
     p.add_argument("--tolerance", type=float, default=0.10,
                    help="largest relative difference of the mean TTFT and ITL (default 0.10)")
+    p.add_argument("--natural-lengths", action="store_true",
+                   help="let requests stop at EOS (default: both tools ask for exactly the scenario's max_tokens)")
+    p.add_argument("--aiperf-ticks", type=int, default=1000,
+                   help="AIPerf's issue rate per second, a ceiling far above the throughput that keeps its loop "
+                        "closed and asleep between ticks (default 1000: a freed slot waits at most 1 ms)")
     p.add_argument("--aiperf-venv", type=Path, default=ROOT / ".venv-aiperf")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / f"aiperf-vs-locust-{time.strftime('%Y%m%d-%H%M%S')}")
     args = p.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
     exe = aiperf_executable(args.aiperf_venv)
-    dataset, system, _, sampling = write_dataset(args.scenario, args.out)
+    dataset, args.locust_scenario, system, sampling = write_dataset(args.scenario, args.out, not args.natural_lengths)
     tokenizer = tokenizer_dir(args.out)
     rows = []
     for round_index in range(1, args.rounds + 1):
@@ -198,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(abs(v) <= args.tolerance for r in (summary if by_median else rows) for v in
              (r["ttft_diff"], r["itl_diff"]))
     (args.out / "comparison.json").write_text(json.dumps({"scenario": args.scenario, "duration_s": args.duration,
-                                                          "warmup_s": args.warmup, "locust_path": args.locust_path, "judged_by": "median" if by_median else "each run",
+                                                          "warmup_s": args.warmup, "locust_path": args.locust_path, "fixed_lengths": not args.natural_lengths, "aiperf_ticks": args.aiperf_ticks, "judged_by": "median" if by_median else "each run",
                                                           "medians": summary, "rows": rows}, indent=2))
     print("\n" + "\n".join([HEADER, *map(format_row, rows)]))
     if len(rows) > len(summary):

@@ -25,8 +25,10 @@ def test_chat_and_text_requests_become_streamed_completion_bodies():
     assert body["max_completion_tokens"] == 64 and body["temperature"] == 0.0 and body["seed"] == 7
     assert body["stream"] and body["stream_options"] == {"include_usage": True} and body["return_token_ids"]
     assert body["stop"] == ["\n\n"] and "top_p" not in body and "max_tokens" not in body
-    path, body = request_body(GenerationRequest(prompt="Once", max_tokens=5, top_k=3), "m")
+    assert "min_tokens" not in body
+    path, body = request_body(GenerationRequest(prompt="Once", max_tokens=5, min_tokens=5, top_k=3), "m")
     assert path == "/v1/completions" and body["prompt"] == "Once" and body["max_tokens"] == 5 and body["top_k"] == 3
+    assert body["min_tokens"] == 5
 
 
 def test_events_become_chunks_with_the_servers_tokens_and_counts():
