@@ -1,4 +1,6 @@
-"""dsv4-generate: generate text in this process (no server) from a V4 checkpoint."""
+"""dsv4-generate: generate text on this host (no server) from a V4 checkpoint, in this process or split
+over several (--tensor-parallel, --expert-parallel: every rank computes the same tokens and logits,
+and this command reports rank 0's)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ EPILOG = """examples (the tiny model that dsv4-serve makes on first use, or: dsv
   dsv4-generate --model ~/.cache/dsv4-triton/tiny --prompt "Hello" --max-tokens 32
   dsv4-generate --model ~/.cache/dsv4-triton/tiny --input-ids 0,100,200 --max-tokens 8 --json
   dsv4-generate --model ~/.cache/dsv4-triton/tiny --prompt "Hi" --max-tokens 1 --dump-logits /tmp/logits.npy
+  dsv4-generate --model ~/.cache/dsv4-triton/tiny --prompt "Hi" --tensor-parallel 2 --expert-parallel 2
 """
 
 
@@ -21,7 +24,7 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--input-ids must be comma-separated integers: {exc}") from exc
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dsv4-generate", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
@@ -38,38 +41,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
     parser.add_argument("--dump-logits", metavar="PATH", help="save float32 logits at every prompt position as .npy [prompt_len, vocab]")
-    args = parser.parse_args(argv)
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="split the attention heads and expert widths over N processes on this host (CPU only, "
+                             "gloo); N must divide the heads and widths (default 1: one process)")
+    parser.add_argument("--expert-parallel", type=int, default=1, metavar="M",
+                        help="spread the routed experts over M processes on this host (CPU only, gloo); M must divide "
+                             "the expert count and, with --tensor-parallel, equal N (default 1)")
+    return parser.parse_args(argv)
 
-    import numpy as np
+
+def _dtype(args: argparse.Namespace):
     import torch
 
-    from dsv4.backend.checkpoint.loader import CheckpointError, load_model
-    from dsv4.backend.config import ConfigError
-    from dsv4.backend.generate import generate
-    from dsv4.backend.sampler import SamplingParams
-    from dsv4.backend.tokenizer import TextCodec
+    name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
-    try:
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                max_tokens=args.max_tokens)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32"))
-        model = load_model(args.model, dtype=dtype, device=args.device, progress=sys.stderr.isatty())
-        codec = TextCodec.load(args.model)
-        if args.input_ids is not None:
-            prompt_ids = args.input_ids
-        elif args.chat:
-            prompt_ids = codec.encode_chat([{"role": "user", "content": args.prompt}])
-        else:
-            prompt_ids = codec.encode(args.prompt)
-        bad = [i for i in prompt_ids if not 0 <= i < model.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"--input-ids {bad[:5]} outside the vocabulary [0, {model.cfg.vocab_size})")
-        start = time.perf_counter()
-        out = generate(model, prompt_ids, params, keep_prompt_logits=args.dump_logits is not None)
-        elapsed = time.perf_counter() - start
-    except (ValueError, ConfigError, CheckpointError, FileNotFoundError) as exc:
-        print(f"dsv4-generate: {exc}", file=sys.stderr)
-        return 2
+
+def _generate(args: argparse.Namespace, prompt_ids: list[int], params, parallel=None, group=None):
+    """Load the model (this rank's shard of it, in a group), generate; returns (output, seconds)."""
+    from dsv4.backend.checkpoint.loader import load_model
+    from dsv4.backend.generate import generate
+    from dsv4.backend.parallel.parallelize import parallelize
+
+    first = group is None or group.rank() == 0
+    model = load_model(args.model, dtype=_dtype(args), device=args.device, progress=first and sys.stderr.isatty())
+    if group is not None:
+        parallelize(model, parallel, group)
+    start = time.perf_counter()
+    out = generate(model, prompt_ids, params, keep_prompt_logits=args.dump_logits is not None)
+    return out, time.perf_counter() - start
+
+
+def _report(args: argparse.Namespace, codec, prompt_ids: list[int], out, elapsed: float) -> None:
+    import numpy as np
+
     text = codec.decode(out.token_ids)
     if args.dump_logits:
         np.save(args.dump_logits, out.prompt_logits.float().cpu().numpy())
@@ -78,6 +83,62 @@ def main(argv: list[str] | None = None) -> int:
                           "num_input_tokens": len(prompt_ids), "elapsed_s": round(elapsed, 4)}, ensure_ascii=False))
     else:
         print(text)
+
+
+def _generate_on_rank(group, args: argparse.Namespace, prompt_ids: list[int], params, parallel):
+    """One rank of a parallel run: every rank generates the same tokens; rank 0 returns them (with
+    its time) for this command to report, or on every rank the error a user should see."""
+    from dsv4.backend.checkpoint.loader import CheckpointError
+    from dsv4.backend.config import ConfigError
+
+    try:
+        out, elapsed = _generate(args, prompt_ids, params, parallel, group)
+    except (ValueError, ConfigError, CheckpointError, FileNotFoundError) as exc:
+        return str(exc)
+    return (out, elapsed) if group.rank() == 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+
+    from dsv4.backend.checkpoint.loader import CheckpointError
+    from dsv4.backend.config import ConfigError, load_config
+    from dsv4.backend.generate import resolve_seed
+    from dsv4.backend.parallel.group import ParallelConfig
+    from dsv4.backend.parallel.launch import spawn_ranks
+    from dsv4.backend.sampler import SamplingParams
+    from dsv4.backend.tokenizer import TextCodec
+
+    try:
+        # drawn here, not per rank: every rank must sample the same tokens
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                seed=resolve_seed(args.seed), max_tokens=args.max_tokens)
+        parallel = ParallelConfig(args.tensor_parallel, args.expert_parallel)
+        cfg = load_config(args.model)
+        if parallel.enabled:
+            parallel.check_device(args.device)
+            parallel.check_model(cfg)
+        codec = TextCodec.load(args.model)
+        if args.input_ids is not None:
+            prompt_ids = args.input_ids
+        elif args.chat:
+            prompt_ids = codec.encode_chat([{"role": "user", "content": args.prompt}])
+        else:
+            prompt_ids = codec.encode(args.prompt)
+        bad = [i for i in prompt_ids if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"--input-ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
+        if parallel.enabled:
+            first = spawn_ranks(_generate_on_rank, parallel.world_size, args, prompt_ids, params, parallel)[0]
+            if isinstance(first, str):
+                raise ValueError(first)
+            out, elapsed = first
+        else:
+            out, elapsed = _generate(args, prompt_ids, params)
+    except (ValueError, ConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"dsv4-generate: {exc}", file=sys.stderr)
+        return 2
+    _report(args, codec, prompt_ids, out, elapsed)
     return 0
 
 

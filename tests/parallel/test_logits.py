@@ -1,0 +1,54 @@
+"""TP, EP and both on 2 and 4 gloo ranks give the one-process logits (prefill, a second chunk,
+batched decode), and every rank the same ones (each samples on its own, so they must agree exactly).
+
+The tiny preset splits 4 ways as it is: 4 heads (one per rank, half of one of its 2 output groups),
+8 experts (two per rank), expert widths of 128.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.backend.checkpoint.loader import load_model
+from dsv4.backend.parallel.group import ParallelConfig
+from dsv4.backend.parallel.launch import spawn_ranks
+
+from .workload import one_thread, run_parallel, run_workload
+
+TOLERANCE = 1e-5  # float32: the ranks' partial sums add in another order than one process's
+TWO_RANKS = [ParallelConfig(2, 1), ParallelConfig(1, 2), ParallelConfig(2, 2)]
+FOUR_RANKS = [ParallelConfig(4, 4), ParallelConfig(4, 1), ParallelConfig(1, 4)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    with one_thread():
+        return run_workload(load_model(tiny_dir, progress=False))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir):
+    """Every config's logits per rank; one spawn per world size serves all its configs."""
+    cache: dict[int, dict[ParallelConfig, list]] = {}
+
+    def get(parallel: ParallelConfig) -> list[dict[str, torch.Tensor]]:
+        world = parallel.world_size
+        if world not in cache:
+            configs = TWO_RANKS if world == 2 else FOUR_RANKS
+            per_rank = spawn_ranks(run_parallel, world, str(tiny_dir), configs, threads=1)
+            cache[world] = {c: [ranks[i] for ranks in per_rank] for i, c in enumerate(configs)}
+        return cache[world][parallel]
+
+    return get
+
+
+@pytest.mark.parametrize("parallel", TWO_RANKS + FOUR_RANKS,
+                         ids=lambda p: f"tp{p.tensor_parallel}-ep{p.expert_parallel}")
+def test_parallel_logits_equal_one_process(parallel, reference, runs):
+    ranks = runs(parallel)
+    for name, expected in reference.items():
+        diff = (ranks[0][name] - expected).abs().max().item()
+        assert diff <= TOLERANCE, f"{name}: largest logit difference {diff:.3g}"
+        for rank, result in enumerate(ranks):
+            assert torch.equal(result[name], ranks[0][name]), f"{name}: rank {rank} differs from rank 0"
