@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One H200 call for the GPU decode work: the decode benchmark, the GPU tests and the real-shape kernel
 # tests, each under its own time limit, logs and JSON under $OUT (or ./runs/h200 off the device tool).
-#   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [e2e] [profile] [locust]   (default: bench tests kernels)
+#   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [e2e] [tokenizer] [profile] [locust]   (default: bench tests kernels)
 # Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, GPU_TESTS, TESTS_S, E2E_S, E2E_ARGS, PROFILE_ARGS tune
 # the phases (E2E_PY: the e2e phase's interpreter); DSV4_COMMIT names the commit in the results (the device copy has no git history).
 # Needs .gpu (../shared/tools/gpu-bundle.sh) carried along; the locust phase also .gpu-locust (Locust's
@@ -42,6 +42,8 @@ for phase in $phases; do
       # the transformers half needs the device's own (numpy 2)
       timeout ${E2E_S:-540} ${E2E_PY:-$py} scripts/bench_e2e.py --model /tmp/flash-mini --json "$out/h200_e2e.json" ${E2E_ARGS:-} \
         2>>"$err" | tee "$out/e2e.md" ;;
+    tokenizer)
+      timeout 120 python3 scripts/bench_tokenizer.py --json "$out/tokenizer.json" 2>>"$err" | tee "$out/tokenizer.md" ;;
     profile)
       # colocated prefill beside decode, in-process: where slow decode steps and slow prefill passes lose time
       timeout ${PROFILE_S:-420} python3 scripts/profile_colocated.py ${PROFILE_ARGS:-} --json "$out/profile_colocated.json" \
