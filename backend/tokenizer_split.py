@@ -38,10 +38,14 @@ _DEEPSEEK_SPLITS = [
 
 def splittable(tokenizer: Tokenizer) -> bool:
     """True when cutting before ` <letter>` keeps this tokenizer's ids: DeepSeek's pre-tokenizer, no
-    normalizer, and no added token that contains a space or strips the whitespace beside it."""
+    normalizer, padding or truncation (which would act on each piece), and no added token that
+    contains a space, strips the whitespace beside it, or starts with a letter a cut may precede
+    (added tokens are split out before pre-tokenization)."""
     spec = json.loads(tokenizer.to_str())
     normalizer = spec.get("normalizer")
     if normalizer is not None and not (normalizer.get("type") == "Sequence" and not normalizer.get("normalizers")):
+        return False
+    if spec.get("padding") is not None or spec.get("truncation") is not None:
         return False
     steps = (spec.get("pre_tokenizer") or {}).get("pretokenizers") or []
     splits = [s for s in steps if s.get("type") == "Split"]
@@ -50,12 +54,13 @@ def splittable(tokenizer: Tokenizer) -> bool:
             or len(steps) != len(splits) + 1 or steps[-1] != {"type": "ByteLevel", "add_prefix_space": False,
                                                                   "trim_offsets": True, "use_regex": False}):
         return False
-    return not any(" " in t["content"] or t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens", []))
+    return not any(" " in t["content"] or t.get("lstrip") or t.get("rstrip") or _starts_pre_token(t["content"][:1])
+                   for t in spec.get("added_tokens", []))
 
 
 def _starts_pre_token(char: str) -> bool:
     """A letter the third split sees (\\p{L} is str.isalpha), not one the second split isolates."""
-    return char.isalpha() and not ("\u4e00" <= char <= "\u9fa5" or "\u3040" <= char <= "\u30ff")
+    return len(char) == 1 and char.isalpha() and not ("\u4e00" <= char <= "\u9fa5" or "\u3040" <= char <= "\u30ff")
 
 
 def cut_points(text: str, pieces: int) -> list[int]:

@@ -82,7 +82,7 @@ def write_dataset(scenario_name: str, out: Path, fixed_lengths: bool) -> tuple[P
     path = out / "prompts.jsonl"
     path.write_text("".join(json.dumps({"text": t, "output_length": spec.max_tokens}) + "\n" for t in spec.prompt.texts))
     sampling = {k: v for k, v in (("temperature", spec.temperature), ("top_p", spec.top_p), ("top_k", spec.top_k),
-                                  ("seed", spec.seed)) if v is not None}
+                                  ("seed", spec.seed), ("min_tokens", spec.min_tokens)) if v is not None}
     raw = json.loads(scenario_path(scenario_name).read_text())
     if fixed_lengths:
         sampling["min_tokens"] = spec.max_tokens
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / f"aiperf-vs-locust-{time.strftime('%Y%m%d-%H%M%S')}")
     args = p.parse_args(argv)
 
+    args.out = args.out.resolve()  # the Locust run reads files here from the repository's root
     args.out.mkdir(parents=True, exist_ok=True)
     exe = aiperf_executable(args.aiperf_venv)
     dataset, args.locust_scenario, system, sampling = write_dataset(args.scenario, args.out, not args.natural_lengths)

@@ -11,14 +11,16 @@ weights, without Triton, and profiles two situations with torch.profiler:
   and once beside `--busy-streams` decoding streams; prints their first-token times and how busy
   the GPU was with prefill in that span (busy well below the span: the passes are host-bound).
 
-GPU only. Example: `python scripts/profile_colocated.py --long 131072 --chunks 8192,2048 --json out.json`.
+Figures need a GPU (`--device cpu` only checks the script on a small preset). Example: `python scripts/profile_colocated.py --long 131072 --chunks 8192,2048 --json out.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import gc
 import queue
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,7 +44,6 @@ from dsv4.backend.tokenizer import TextCodec
 
 from dsv4.scripts import trace_overlap
 
-FOREVER = 1 << 20  # streams decode until cancelled
 CPU_ACTIVITY = False  # --cpu-activity: also record host ops (slows the host; CUDA alone keeps runtime calls)
 
 
@@ -51,9 +52,10 @@ class Rig:
 
     def __init__(self, model, chunk: int, budget: int, max_prompts: int, rows: int, max_len: int, prefill_gib: float):
         streams = stage_streams(model.device)
-        self.stage = PrefillStage(None, "cuda", model.dtype, max_len, int(prefill_gib * (1 << 30)), kv_format="fp8",
+        device, kv_format = str(model.device), ("fp8" if model.device.type == "cuda" else "float")
+        self.stage = PrefillStage(None, device, model.dtype, max_len, int(prefill_gib * (1 << 30)), kv_format=kv_format,
                                   max_prompts=max_prompts, model=model)
-        cache = PagedCache.for_requests(model.cfg, model.dtype, "cuda", rows, max_len, kv_format="fp8")
+        cache = PagedCache.for_requests(model.cfg, model.dtype, device, rows, max_len, kv_format=kv_format)
         self.sink: queue.Queue = queue.Queue()
         self.decode = DecodeEngine(model, cache, TextCodec.load(), lambda *item: self.sink.put((time.perf_counter(), *item)),
                                    max_batch=rows, max_model_len=max_len, stream=streams.decode)
@@ -61,13 +63,17 @@ class Rig:
                                    self.decode, lambda *item: self.sink.put((time.perf_counter(), *item)), streams.prefill)
         self.stage.warm_up(chunk, self.colocated.prefill.settings.widest_pass)
         self.colocated.start()
+        self.max_len = max_len
         self.times: dict[int, list[float]] = {}
         self.sent: dict[int, float] = {}
         self.done: set[int] = set()
         self.g = torch.Generator().manual_seed(0)
         self.vocab = model.cfg.vocab_size
 
-    def submit(self, rid: int, n: int, max_tokens: int) -> None:
+    def submit(self, rid: int, n: int, max_tokens: int | None = None) -> None:
+        """A prompt of n random tokens; max_tokens None: as many as its row holds (decode reserves
+        prompt + max_tokens up front), for streams that run until cancelled."""
+        max_tokens = max_tokens if max_tokens is not None else self.max_len - n - 1
         ids = torch.randint(1000, self.vocab - 1000, (n,), generator=self.g).numpy().astype(np.int32)
         config = RequestConfig(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0, seed=rid, stream=True,
                                num_input_tokens=n)
@@ -107,10 +113,21 @@ def _pcts(gaps: list[float]) -> dict:
     return {"n": len(gaps), "p50": statistics.median(gaps), "p99": float(np.percentile(gaps, 99)), "max": max(gaps)}
 
 
+def _free(rig: Rig, trace: Path | None) -> None:
+    """Drop a setting's pools before the next one allocates its own (the sinks hold the rig in a cycle)."""
+    rig.__dict__.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if trace is not None:
+        shutil.rmtree(trace.parent, ignore_errors=True)
+
+
 def _profiled(fn):
     """Run fn under torch.profiler (CUDA activity); returns fn's result and the trace's path."""
     path = Path(tempfile.mkdtemp()) / "trace.json"
-    activities = [torch.profiler.ProfilerActivity.CUDA, *([torch.profiler.ProfilerActivity.CPU] if CPU_ACTIVITY else [])]
+    activities = [*([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
+                  *([torch.profiler.ProfilerActivity.CPU] if CPU_ACTIVITY or not torch.cuda.is_available() else [])]
     with torch.profiler.profile(activities=activities) as prof:
         result = fn()
     prof.export_chrome_trace(str(path))
@@ -120,10 +137,10 @@ def _profiled(fn):
 def long_beside_streams(model, args, chunk: int) -> dict:
     max_len = args.long + 4096
     rig = Rig(model, chunk, 2 * chunk, 8, args.streams + 1, max_len, args.prefill_gib)
-    rids = list(range(args.streams))
+    rids, trace = list(range(args.streams)), None
     try:
         for rid in rids:
-            rig.submit(rid, args.stream_prompt, FOREVER)
+            rig.submit(rid, args.stream_prompt)
         rig.pump(lambda: all(len(rig.times[r]) >= 32 for r in rids))
         quiet_from = time.perf_counter()
         rig.pump(lambda: time.perf_counter() - quiet_from > 1.0)
@@ -135,22 +152,24 @@ def long_beside_streams(model, args, chunk: int) -> dict:
             return time.perf_counter()
 
         first_token, trace = _profiled(prefill_long)
+        first_token = rig.times[1000][0]  # its arrival, not when the loop above noticed it
         out = {"chunk": chunk, "long_tokens": args.long, "long_ttft_s": first_token - rig.sent[1000],
                "quiet": _pcts(_gaps_ms(rig.times, rids, quiet_from, quiet_to)),
                "during": _pcts(_gaps_ms(rig.times, rids, rig.sent[1000], first_token)),
                "trace": trace_overlap.analyse(trace)}
     finally:
         rig.stop()
+        _free(rig, trace)
     return out
 
 
 def burst(model, args, beside: bool) -> dict:
     rows = args.busy_streams + args.burst
     rig = Rig(model, args.chunk, args.budget, args.max_prompts, rows, 4096 + args.burst_tokens, args.prefill_gib)
-    busy = list(range(args.busy_streams)) if beside else []
+    busy, trace = (list(range(args.busy_streams)) if beside else []), None
     try:
         for rid in busy:
-            rig.submit(rid, 1024, FOREVER)
+            rig.submit(rid, 1024)
         rig.pump(lambda: all(len(rig.times[r]) >= 32 for r in busy))
         burst_rids = list(range(1000, 1000 + args.burst))
         passes_before = len(rig.colocated.prefill.step_sizes)
@@ -172,12 +191,15 @@ def burst(model, args, beside: bool) -> dict:
                             if k in ("gap_ms", "launch_interval_ms", "span_ms", "worst_steps")}
     finally:
         rig.stop()
+        _free(rig, trace)
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="flash-mini", help="model preset, random weights (default flash-mini)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu runs the same rig without the GPU's figures (a check of the script itself)")
     p.add_argument("--streams", type=int, default=4, help="streams decoding beside the long prompt (default 4)")
     p.add_argument("--stream-prompt", type=int, default=1024, help="their prompt tokens (default 1024)")
     p.add_argument("--long", type=int, default=131072, help="the long prompt's tokens (default 131072; 0: skip)")
@@ -194,12 +216,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     global CPU_ACTIVITY
     CPU_ACTIVITY = args.cpu_activity
-    if not torch.cuda.is_available():
-        print("profile_colocated needs a CUDA GPU", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda but no CUDA GPU is visible (--device cpu runs the rig on a small preset)", file=sys.stderr)
         return 2
-    with torch.device("cuda"):
-        model = randomize_weights(Transformer(presets.preset(args.preset), torch.bfloat16), seed=3).eval()
-    report = {"gpu": torch.cuda.get_device_name(), "args": {k: str(v) for k, v in vars(args).items()}, "long": [], "burst": []}
+    with torch.device(args.device):
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        model = randomize_weights(Transformer(presets.preset(args.preset), dtype), seed=3).eval()
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "none (cpu)"
+    report = {"gpu": gpu, "args": {k: str(v) for k, v in vars(args).items()}, "long": [], "burst": []}
 
     def show(name, value):
         print(f"## {name}\n{json.dumps(value, default=str)}", flush=True)

@@ -11,6 +11,7 @@ overlapped it.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +63,11 @@ def graph_steps(kernels: list[Kernel], launches: dict[int, float]) -> tuple[list
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
+    """Nearest-rank percentiles (the smallest value with at least q of the values at or below it)."""
     if not values:
         return {"p50": None, "p90": None, "p99": None, "max": None}
     ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    pick = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
 
 
@@ -100,13 +102,15 @@ def analyse(path: str | Path, worst: int = 8) -> dict:
         {"name": name[:90], "count": n, "total_ms": total / 1e3, "max_ms": most / 1e3}
         for name, (n, total, most) in sorted(longest.items(), key=lambda item: -item[1][2])[:12]]
     slow = sorted(pairs, key=lambda ab: -(ab[1].end_us - ab[0].end_us))[:worst]
+    # the window a slow step lost time in: from when it could have run (its launch, or the previous
+    # step's end if later) to its end, so kernels it queued behind count as well as those beside it
     summary["worst_steps"] = [{
         "gap_ms": (b.end_us - a.end_us) / 1e3,
         "launch_late_ms": (b.launch_us - a.end_us) / 1e3,  # > 0: launched after the previous step ended
         "queued_ms": (b.start_us - b.launch_us) / 1e3,
         "span_ms": (b.end_us - b.start_us) / 1e3,
         "overlapping": [{"name": k.name[:90], "overlap_ms": us / 1e3, "dur_ms": (k.end_us - k.start_us) / 1e3}
-                        for k, us in overlapping(others, b.start_us, b.end_us)[:4]],
+                        for k, us in overlapping(others, max(a.end_us, b.launch_us), b.end_us)[:4]],
     } for a, b in slow]
     return summary
 

@@ -22,7 +22,7 @@ def test_parallel_command_equals_one_process(tiny_dir, tmp_path, capfd):
     single = json.loads(capfd.readouterr().out)
     parallel = ["--tensor-parallel", "2", "--expert-parallel", "2", "--dump-logits", str(tmp_path / "split.npy")]
     assert main([*common, *parallel]) == 0
-    split = json.loads(capfd.readouterr().out)  # printed by rank 0 alone
+    split = json.loads(capfd.readouterr().out)  # printed once, by this command, from rank 0's result
     assert split["token_ids"] == single["token_ids"] and split["text"] == single["text"]
     one, two = np.load(tmp_path / "one.npy"), np.load(tmp_path / "split.npy")
     assert one.shape == two.shape == (len(PROMPT.split(",")), 129280)

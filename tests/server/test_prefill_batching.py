@@ -69,7 +69,8 @@ def _one_attempt(server, codec) -> tuple[float, float, float, int]:
     before = [metric(url, "dsv4_prefill_steps_total"), metric(url, "dsv4_prefill_step_prompts_sum"),
               metric(url, "dsv4_prefill_step_prompts_count"), _bucket(url, "dsv4_prefill_step_prompts", "2")]
     # one stream, the long prompt first: the short ones reach the stage within the gather window or
-    # while its chunks run (separate connections raced, and a long prompt arriving late missed them)
+    # while its chunks run (separate connections raced, and a long prompt arriving late missed them).
+    # In order because the fixture runs one tokenizer instance: with two, a short prompt could pass it
     ends = _send_together(server.grpc_url, [long_text, *shorts])
     assert ends == ["length"] * 3, ends
     time.sleep(0.5)  # the metrics are published by the stage's sender thread every 0.1 s

@@ -50,7 +50,8 @@ def test_a_long_prompt_through_the_codec_matches_one_encode():
     assert codec.encode(text) == [codec.bos_id, *_ids(text)]
 
 
-@pytest.mark.parametrize("change", ["normalizer", "regex", "added token strips", "added token with a space"])
+@pytest.mark.parametrize("change", ["normalizer", "regex", "added token strips", "added token with a space",
+                                    "added token starting with a letter", "padding"])
 def test_other_tokenizers_are_never_cut(change):
     spec = json.loads(TOKENIZER.to_str())
     assert tokenizer_split.splittable(TOKENIZER)
@@ -60,6 +61,11 @@ def test_other_tokenizers_are_never_cut(change):
         spec["pre_tokenizer"]["pretokenizers"][2]["pattern"]["Regex"] = "\\s+|\\w+"
     elif change == "added token strips":
         spec["added_tokens"][0]["lstrip"] = True
-    else:
+    elif change == "added token with a space":
         spec["added_tokens"][0]["content"] = "<a b>"
+    elif change == "added token starting with a letter":
+        spec["added_tokens"][0]["content"] = "tok"
+    else:
+        spec["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                           "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"}
     assert not tokenizer_split.splittable(Tokenizer.from_str(json.dumps(spec)))
