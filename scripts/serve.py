@@ -95,6 +95,8 @@ def template_values(args, model_dir: Path) -> dict[str, str]:
         "tokenizer_instances": str(args.tokenizer_instances), "unary_instances": str(args.unary_instances),
         "cuda_graphs": "no" if args.no_cuda_graphs else "yes",
         "colocated_prefill": "yes" if colocated else "no", "prefill_kv_share": f"{args.prefill_memory_share:.4f}",
+        "tensor_parallel": str(args.tensor_parallel), "expert_parallel": str(args.expert_parallel),
+        "python": sys.executable,
     }
 
 
@@ -142,6 +144,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--snapshot-interval", type=int, default=None,
                    help="prefix-cache resume points every N 256-token blocks, besides each prompt's last block "
                         "(default: every prefill chunk, at least every 4 blocks)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split each stage's attention heads and expert widths over N processes (CPU, split layout; "
+                        "the stage's Triton instance starts the other N-1 and they follow its calls) (default 1)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="M",
+                   help="spread each stage's routed experts over M processes (CPU, split layout; with "
+                        "--tensor-parallel, M must equal N) (default 1)")
     p.add_argument("--decode-cpu-threads", type=int, default=1, help="torch threads of the decode stage on --device cpu")
     p.add_argument("--prefill-cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="torch threads of the prefill stage on --device cpu (default: all cores but one, left to decode)")
@@ -217,7 +225,24 @@ def validate(args) -> Path:
         raise LaunchError(f"--prefill-token-budget ({args.prefill_token_budget}) must be >= --prefill-chunk ({args.prefill_chunk})")
     if args.openai_port is not None and not port_free(args.host, args.openai_port):
         raise LaunchError(f"OpenAI port {args.openai_port} on {args.host} is already in use; choose another with --openai-port")
+    _validate_parallel(args, cfg)
     return model_dir
+
+
+def _validate_parallel(args, cfg) -> None:
+    from dsv4.backend.parallel.group import ParallelConfig, ParallelError
+
+    try:
+        parallel = ParallelConfig(args.tensor_parallel, args.expert_parallel)
+        if not parallel.enabled:
+            return
+        parallel.check_model(cfg)
+        parallel.check_device(args.device)
+    except ParallelError as exc:
+        raise LaunchError(str(exc)) from None
+    if args.stage_layout != "split":
+        raise LaunchError("--tensor-parallel/--expert-parallel need --stage-layout split (each stage's ranks follow "
+                          "that stage's engine; colocated stages would share one model between two engines)")
 
 
 def launch(args, model_dir: Path, work: Path, bundle: TritonBundle | None = None) -> RunningServer:

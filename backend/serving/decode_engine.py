@@ -241,11 +241,15 @@ class DecodeEngine:
             self._start(arrival, total)
 
     def _start(self, arrival: Arrival, total: int) -> None:
-        seq = self.cache.admit(str(arrival.rid), total)
+        try:
+            seq = self.cache.admit(str(arrival.rid), total)
+        except Exception as exc:  # this request only (a replicated cache whose ranks are gone raises here)
+            self.sink(arrival.rid, None, ("INTERNAL", f"decode could not reserve the request's cache: {exc}"))
+            return
         if arrival.payload.is_cuda:  # made on another stream: its memory must outlive this stream's copy
             arrival.payload.record_stream(torch.cuda.current_stream(arrival.payload.device))
         try:
-            import_state(self.storage, seq, arrival.header, arrival.payload)
+            self._import_state(str(arrival.rid), seq, arrival.header, arrival.payload)
         except Exception as exc:
             self.cache.release(str(arrival.rid))
             self.sink(arrival.rid, None, ("INTERNAL", f"could not import the request's cache state: {exc}"))
@@ -264,6 +268,10 @@ class DecodeEngine:
                 self._finish(arrival.rid, None, ("INTERNAL", f"decode could not start the request: {exc}"))
                 return
             self.row_rids.append(arrival.rid)
+
+    def _import_state(self, rid: str, seq: SequenceState, header: StateHeader, payload: torch.Tensor) -> None:
+        """Unpack a prefilled state into `seq`'s blocks (a replicated engine also sends it to its ranks)."""
+        import_state(self.storage, seq, header, payload)
 
     def _apply_cancels(self) -> None:
         with self._lock:

@@ -95,3 +95,27 @@ def test_memory_split_line_reads_the_stages_gauges(monkeypatch):
     assert serve.memory_split("http://x/metrics").startswith("decode 80.0 GiB = weights 3.0 + working 1.0 + KV 75.5 (prefix cache 20.0)")
     monkeypatch.setattr(serve.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"nv_other 1\n"))
     assert serve.memory_split("http://x/metrics") is None
+
+
+def test_parallel_degrees_are_checked_before_the_server_starts(tiny_dir):
+    import sys
+
+    import pytest
+
+    from dsv4.scripts.serve import LaunchError, device_defaults, parse_args, template_values, validate
+
+    def checked(*argv):
+        args = parse_args(["--model", str(tiny_dir), *argv])
+        device_defaults(args)
+        validate(args)
+        return args
+
+    args = checked("--tensor-parallel", "2", "--expert-parallel", "2")
+    values = template_values(args, tiny_dir)
+    assert (values["tensor_parallel"], values["expert_parallel"], values["python"]) == ("2", "2", sys.executable)
+    for argv, words in ((["--tensor-parallel", "3"], "--tensor-parallel 3"),
+                        (["--tensor-parallel", "2", "--expert-parallel", "4"], "each must be 1 or equal"),
+                        (["--expert-parallel", "2", "--stage-layout", "colocated"], "--stage-layout split"),
+                        (["--tensor-parallel", "0"], "positive integer")):
+        with pytest.raises(LaunchError, match=words):
+            checked(*argv)

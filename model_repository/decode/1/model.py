@@ -9,6 +9,7 @@ With `colocated_prefill` the prefill engine runs here too, on the same weights a
 prefill model with a cache state.
 """
 
+import functools
 import itertools
 import os
 import queue
@@ -21,6 +22,9 @@ import triton_python_backend_utils as pb_utils
 
 from dsv4.backend.checkpoint.loader import load_model
 from dsv4.backend.kv_cache.paged_cache import PagedCache
+from dsv4.backend.parallel.followers import stage_parallel, start_followers
+from dsv4.backend.parallel.replica import ReplicatedDecodeEngine
+from dsv4.backend.parallel.stage_worker import StageSpec
 from dsv4.backend.serving.colocated import Colocated, measure_memory
 from dsv4.backend.serving.decode_engine import Arrival, DecodeEngine, measure_decode_memory
 from dsv4.backend.serving.handoff import StateHeader
@@ -82,7 +86,15 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(split.describe())
         cache = PagedCache.from_budget(model.cfg, dtype, device, kv_bytes, max_len,
                                        max_num_seqs=int(params["max_sequences"]), kv_format=params["kv_format"])
-        self.engine = DecodeEngine(model, cache, TextCodec.load(params["model_dir"]), self._sink,
+        engine_class, self.followers = DecodeEngine, None
+        parallel = stage_parallel(params)
+        if parallel.enabled:  # this process is rank 0; the others replay its engine's state changes
+            spec = StageSpec("decode", params["model_dir"], params["dtype"], params["kv_format"], max_len, kv_bytes,
+                             parallel.tensor_parallel, parallel.expert_parallel, int(params["cpu_threads"]),
+                             max_batch=int(params["max_batch"]), max_sequences=int(params["max_sequences"]))
+            self.followers = start_followers(spec, params["python"], model)
+            engine_class = functools.partial(ReplicatedDecodeEngine, leader=self.followers.leader)
+        self.engine = engine_class(model, cache, TextCodec.load(params["model_dir"]), self._sink,
                                    int(params["max_batch"]), int(params["max_waiting"]), max_model_len=max_len,
                                    cuda_graphs=cuda_graphs, stream=streams.decode)
         self.colocated = None if stage is None else Colocated(stage, settings, self.engine, self._sink, streams.prefill)
@@ -153,6 +165,10 @@ class TritonPythonModel:
             control = pb_utils.get_input_tensor_by_name(request, "control")
             if control is not None:
                 self._control(control.as_numpy().reshape(-1)[0].decode(), sender)
+                continue
+            if self.followers is not None and self.followers.failure:
+                sender.send(error_response(pb_utils, "UNAVAILABLE", f"decode cannot run: {self.followers.failure}"),
+                            flags=FINAL)
                 continue
             if pb_utils.get_input_tensor_by_name(request, "input_ids") is not None:
                 self._prompt(request, sender)
@@ -296,5 +312,7 @@ class TritonPythonModel:
     def finalize(self):
         self.stopping.set()
         (self.colocated or self.engine).stop()
+        if self.followers is not None:
+            self.followers.stop()
         self.sender.join(timeout=10)
         self.watchdog.terminate()

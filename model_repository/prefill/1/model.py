@@ -14,6 +14,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from dsv4.backend.parallel.followers import stage_parallel, start_followers
+from dsv4.backend.parallel.replica import ReplicatedStage
+from dsv4.backend.parallel.stage_worker import StageSpec
 from dsv4.backend.serving import gpu_memory
 from dsv4.backend.serving.prefill_engine import PrefillEngine, PrefillSettings
 from dsv4.backend.serving.prefill_metrics import PREFILL_BUCKETS, PREFILL_METRICS, report_prefill
@@ -60,6 +63,14 @@ class TritonPythonModel:
                 stage.allocate(split.kv_bytes)
                 report_memory_split(self.metrics, split)
                 pb_utils.Logger.log_info(split.describe())
+        self.followers = None
+        parallel = stage_parallel(params)
+        if parallel.enabled:  # this process is rank 0; the others replay its stage's calls
+            spec = StageSpec("prefill", params["model_dir"], params["dtype"], params["kv_format"], limits.max_model_len,
+                             cache_bytes, parallel.tensor_parallel, parallel.expert_parallel, int(params["cpu_threads"]),
+                             snapshot_interval=int(params["snapshot_interval"]), max_prompts=max_prompts)
+            self.followers = start_followers(spec, params["python"], stage.model)
+            stage = ReplicatedStage(stage, self.followers.leader)
         self.engine = PrefillEngine(stage, settings, self._sink)
         self.outbox = queue.Queue()
         self.senders = {}
@@ -79,6 +90,10 @@ class TritonPythonModel:
                 config = RequestConfig.from_json(raw)
             except Exception as exc:
                 sender.send(error_response(pb_utils, "INTERNAL", f"prefill could not read its inputs: {exc}"), flags=FINAL)
+                continue
+            if self.followers is not None and self.followers.failure:
+                sender.send(error_response(pb_utils, "UNAVAILABLE", f"prefill cannot run: {self.followers.failure}"),
+                            flags=FINAL)
                 continue
             rid = next(self.ids)
             self.senders[rid] = (sender, raw)
@@ -122,6 +137,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.stop()
+        if self.followers is not None:
+            self.followers.stop()
         self.stopping.set()
         self.sender.join(timeout=10)
         self.watchdog.terminate()
