@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # load_tests is a top-level folder of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
-from load_tests.scenario import load_scenario, scenario_path  # noqa: E402
+from load_tests.scenario import scenario_from_dict, scenario_path  # noqa: E402
 from dsv4.scripts import server_metrics  # noqa: E402
 
 AIPERF_SPEC = "aiperf==0.13.0"
@@ -75,7 +75,8 @@ def write_dataset(scenario_name: str, out: Path, fixed_lengths: bool) -> tuple[P
     `fixed_lengths`, both ask for exactly max_tokens: min_tokens = max_tokens, so a request that
     would stop at EOS under one tool and not the other cannot make their loads differ); returns
     (aiperf file, Locust scenario file, system prompt, aiperf's extra inputs)."""
-    scenario = load_scenario(scenario_name)
+    raw = json.loads(scenario_path(scenario_name).read_text())
+    scenario = scenario_from_dict(raw)
     if len(scenario.requests) != 1 or scenario.requests[0].prompt.kind != "list" or not scenario.requests[0].prompt.chat:
         raise SystemExit(f"{scenario_name}: needs one request kind with a 'list' chat prompt (short_chat is one)")
     spec = scenario.requests[0]
@@ -83,7 +84,6 @@ def write_dataset(scenario_name: str, out: Path, fixed_lengths: bool) -> tuple[P
     path.write_text("".join(json.dumps({"text": t, "output_length": spec.max_tokens}) + "\n" for t in spec.prompt.texts))
     sampling = {k: v for k, v in (("temperature", spec.temperature), ("top_p", spec.top_p), ("top_k", spec.top_k),
                                   ("seed", spec.seed), ("min_tokens", spec.min_tokens)) if v is not None}
-    raw = json.loads(scenario_path(scenario_name).read_text())
     if fixed_lengths:
         sampling["min_tokens"] = spec.max_tokens
         for request in raw["requests"]:

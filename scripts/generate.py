@@ -41,12 +41,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
     parser.add_argument("--dump-logits", metavar="PATH", help="save float32 logits at every prompt position as .npy [prompt_len, vocab]")
-    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                        help="split the attention heads and expert widths over N processes on this host (CPU only, "
-                             "gloo); N must divide the heads and widths (default 1: one process)")
-    parser.add_argument("--expert-parallel", type=int, default=1, metavar="M",
-                        help="spread the routed experts over M processes on this host (CPU only, gloo); M must divide "
-                             "the expert count and, with --tensor-parallel, equal N (default 1)")
+    from dsv4.backend.parallel.options import add_parallel_arguments
+
+    add_parallel_arguments(parser, "on this host, CPU only, gloo")
     return parser.parse_args(argv)
 
 

@@ -44,7 +44,6 @@ from dsv4.backend.tokenizer import TextCodec
 
 from dsv4.scripts import trace_overlap
 
-CPU_ACTIVITY = False  # --cpu-activity: also record host ops (slows the host; CUDA alone keeps runtime calls)
 
 
 class Rig:
@@ -123,11 +122,12 @@ def _free(rig: Rig, trace: Path | None) -> None:
         shutil.rmtree(trace.parent, ignore_errors=True)
 
 
-def _profiled(fn):
-    """Run fn under torch.profiler (CUDA activity); returns fn's result and the trace's path."""
+def _profiled(fn, cpu_activity: bool):
+    """Run fn under torch.profiler (CUDA activity; host ops too with `cpu_activity`, which slows the
+    host: CUDA alone keeps the runtime calls); returns fn's result and the trace's path."""
     path = Path(tempfile.mkdtemp()) / "trace.json"
     activities = [*([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
-                  *([torch.profiler.ProfilerActivity.CPU] if CPU_ACTIVITY or not torch.cuda.is_available() else [])]
+                  *([torch.profiler.ProfilerActivity.CPU] if cpu_activity or not torch.cuda.is_available() else [])]
     with torch.profiler.profile(activities=activities) as prof:
         result = fn()
     prof.export_chrome_trace(str(path))
@@ -151,7 +151,7 @@ def long_beside_streams(model, args, chunk: int) -> dict:
             rig.pump(lambda: len(rig.times[1000]) >= 1)
             return time.perf_counter()
 
-        first_token, trace = _profiled(prefill_long)
+        first_token, trace = _profiled(prefill_long, args.cpu_activity)
         first_token = rig.times[1000][0]  # its arrival, not when the loop above noticed it
         out = {"chunk": chunk, "long_tokens": args.long, "long_ttft_s": first_token - rig.sent[1000],
                "quiet": _pcts(_gaps_ms(rig.times, rids, quiet_from, quiet_to)),
@@ -179,7 +179,7 @@ def burst(model, args, beside: bool) -> dict:
                 rig.submit(rid, args.burst_tokens, 2)
             rig.pump(lambda: all(len(rig.times[r]) >= 1 for r in burst_rids))
 
-        _, trace = _profiled(arrive_together)
+        _, trace = _profiled(arrive_together, args.cpu_activity)
         ttfts = sorted(rig.times[r][0] - rig.sent[r] for r in burst_rids)
         lo, hi = min(rig.sent[r] for r in burst_rids), max(rig.times[r][0] for r in burst_rids)
         out = {"beside_streams": len(busy), "prompts": args.burst, "prompt_tokens": args.burst_tokens,
@@ -214,8 +214,6 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-activity", action="store_true", help="profile host ops too (perturbs host-bound passes)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    global CPU_ACTIVITY
-    CPU_ACTIVITY = args.cpu_activity
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda but no CUDA GPU is visible (--device cpu runs the rig on a small preset)", file=sys.stderr)
         return 2

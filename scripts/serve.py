@@ -144,12 +144,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--snapshot-interval", type=int, default=None,
                    help="prefix-cache resume points every N 256-token blocks, besides each prompt's last block "
                         "(default: every prefill chunk, at least every 4 blocks)")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split each stage's attention heads and expert widths over N processes (CPU, split layout; "
-                        "the stage's Triton instance starts the other N-1 and they follow its calls) (default 1)")
-    p.add_argument("--expert-parallel", type=int, default=1, metavar="M",
-                   help="spread each stage's routed experts over M processes (CPU, split layout; with "
-                        "--tensor-parallel, M must equal N) (default 1)")
+    from dsv4.backend.parallel.options import add_parallel_arguments
+
+    add_parallel_arguments(p, "per stage, CPU and --stage-layout split: the stage's Triton instance starts the "
+                              "others and they follow its calls")
     p.add_argument("--decode-cpu-threads", type=int, default=1, help="torch threads of the decode stage on --device cpu")
     p.add_argument("--prefill-cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="torch threads of the prefill stage on --device cpu (default: all cores but one, left to decode)")

@@ -44,6 +44,7 @@ def serve_rank(spec: StageSpec) -> None:
     from ..decode_runner import DecodeRunner
     from ..kv_cache.paged_cache import PagedCache
     from ..serving.prefill_stage import PrefillStage
+    from ..serving.triton_io import compute_dtype
     from .group import ParallelConfig, join_group, loopback_init_method
     from .parallelize import parallelize
     from .replica import decode_handlers, follow, prefill_handlers
@@ -51,7 +52,7 @@ def serve_rank(spec: StageSpec) -> None:
     torch.set_num_threads(spec.threads)
     parallel = ParallelConfig(spec.tensor_parallel, spec.expert_parallel)
     group = join_group(spec.rank, parallel.world_size, loopback_init_method(spec.port))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
+    dtype = compute_dtype({"dtype": spec.dtype})  # the adapters' reading of the same parameter
     model = parallelize(load_model(spec.model_dir, dtype=dtype, device="cpu", progress=False), parallel, group)
     if spec.stage == "decode":  # as DecodeEngine and the decode adapter build them
         cache = PagedCache.from_budget(model.cfg, dtype, "cpu", spec.cache_bytes, spec.max_len,

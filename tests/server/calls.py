@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -131,3 +133,42 @@ def metric(metrics_url: str, name: str) -> float:
     if not seen:
         raise KeyError(f"metric {name} not exported")
     return total
+
+
+def wait_idle(server, gauges: tuple[str, ...] = ("vllm:num_requests_running",), timeout: float = 15.0) -> None:
+    """Until every gauge reads 0, then one more publication period (gauges are published every 0.1 s)."""
+    end = time.monotonic() + timeout
+    while any(metric(server.metrics_url, name) for name in gauges):
+        assert time.monotonic() < end, f"the server still holds requests ({', '.join(gauges)})"
+        time.sleep(0.1)
+    time.sleep(0.3)
+
+
+def grpc_streams_together(url: str, prompts: list[str], timeout: float = 180, **params) -> dict[str, Reply]:
+    """Each prompt on its own stream, all released at once (a barrier), so the server takes them together."""
+    replies: dict[str, Reply] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def call(prompt):
+        barrier.wait()
+        replies[prompt] = grpc_stream(url, prompt, **params)
+
+    threads = [threading.Thread(target=call, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return replies
+
+
+def cancel_after_chunks(url: str, prompt: str, chunks: int) -> None:
+    """Stream a long generation, read `chunks` responses (none may be an error), then cancel the stream."""
+    client = grpcclient.InferenceServerClient(url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer("dsv4", grpc_inputs(prompt, stream=True, max_tokens=1000, temperature=0.0))
+    for _ in range(chunks):
+        _, error = responses.get(timeout=60)
+        assert error is None, error
+    client.stop_stream(cancel_requests=True)
+    client.close()

@@ -5,14 +5,10 @@ INVALID_ARG, a cancelled stream freed, and prefill's metrics exported by decode.
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
-
 import pytest
-import tritonclient.grpc as grpcclient
 
-from .calls import grpc_inputs, grpc_stream, grpc_unary, http_generate, metric
+from .calls import (cancel_after_chunks, grpc_stream, grpc_streams_together, grpc_unary, http_generate, metric,
+                    wait_idle)
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "1, 2, 3, 4,"]
 N = 10
@@ -27,12 +23,7 @@ def colocated(tiny_dir, tmp_path_factory):
     srv.stop()
 
 
-def _wait_idle(srv, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while metric(srv.metrics_url, "vllm:num_requests_running") or metric(srv.metrics_url, "dsv4_prefill_requests"):
-        assert time.monotonic() < end, "the server still holds requests"
-        time.sleep(0.1)
-    time.sleep(0.3)  # gauges are published every 0.1 s
+BUSY = ("vllm:num_requests_running", "dsv4_prefill_requests")
 
 
 def test_same_greedy_tokens_as_the_split_layout(server, colocated):
@@ -49,23 +40,12 @@ def test_same_greedy_tokens_as_the_split_layout(server, colocated):
 
 def test_prompts_arriving_together_share_prefill_passes(server, colocated):
     want = {p: grpc_stream(server.grpc_url, p, max_tokens=N, temperature=0.0) for p in PROMPTS}
-    _wait_idle(colocated)
+    wait_idle(colocated, BUSY, timeout=10.0)
     steps_before = metric(colocated.metrics_url, "dsv4_prefill_steps_total")
-    got: dict[str, object] = {}
-    start = threading.Barrier(len(PROMPTS))
-
-    def call(prompt):
-        start.wait()
-        got[prompt] = grpc_stream(colocated.grpc_url, prompt, max_tokens=N, temperature=0.0)
-
-    threads = [threading.Thread(target=call, args=(p,)) for p in PROMPTS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    got = grpc_streams_together(colocated.grpc_url, PROMPTS, timeout=120, max_tokens=N, temperature=0.0)
     for p in PROMPTS:
         assert got[p].error is None and got[p].ids == want[p].ids, p
-    _wait_idle(colocated)
+    wait_idle(colocated, BUSY, timeout=10.0)
     steps = metric(colocated.metrics_url, "dsv4_prefill_steps_total") - steps_before
     # four short prompts: one pass each would be four; arriving together they share passes
     assert 1 <= steps < len(PROMPTS), steps
@@ -74,15 +54,7 @@ def test_prompts_arriving_together_share_prefill_passes(server, colocated):
 def test_bad_input_is_refused_and_a_cancelled_stream_leaves_nothing_held(colocated):
     bad = grpc_stream(colocated.grpc_url, "hello", max_tokens=0)
     assert bad.error is not None and "max_tokens" in bad.error
-    client = grpcclient.InferenceServerClient(colocated.grpc_url)
-    responses: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    client.async_stream_infer("dsv4", grpc_inputs("cancel me", stream=True, max_tokens=1000, temperature=0.0))
-    for _ in range(3):
-        result, error = responses.get(timeout=60)
-        assert error is None
-    client.stop_stream(cancel_requests=True)
-    client.close()
-    _wait_idle(colocated)
+    cancel_after_chunks(colocated.grpc_url, "cancel me", 3)
+    wait_idle(colocated, BUSY, timeout=10.0)
     assert metric(colocated.metrics_url, "dsv4_kv_blocks_used") == 0
     assert grpc_stream(colocated.grpc_url, "still serving", max_tokens=3, temperature=0.0).error is None

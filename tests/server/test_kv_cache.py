@@ -11,7 +11,7 @@ from dsv4.backend.generate import generate
 from dsv4.backend.sampler import SamplingParams
 from dsv4.backend.tokenizer import TextCodec
 
-from .calls import grpc_stream, metric
+from .calls import grpc_stream, metric, wait_idle
 
 SHARED = " ".join(f"Section {i}: the quick brown fox number {i * 7 % 13} jumps over lazy dog {i % 5}." for i in range(110))
 
@@ -23,12 +23,7 @@ def _prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _wait_idle(server, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while metric(server.metrics_url, "vllm:num_requests_running") or metric(server.metrics_url, "vllm:num_requests_waiting"):
-        assert time.monotonic() < end
-        time.sleep(0.1)
-    time.sleep(0.3)
+IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 def test_shared_prefix_hits_the_cache_skips_prefill_and_matches_a_cold_run(server, tiny_dir):
@@ -36,7 +31,7 @@ def test_shared_prefix_hits_the_cache_skips_prefill_and_matches_a_cold_run(serve
     first, second = SHARED + " First question: why?", SHARED + " Second, unrelated question: how?"
     ids_first, ids_second = codec.encode(first), codec.encode(second)
     assert _prefix_len(ids_first, ids_second) >= 1024 + 8
-    _wait_idle(server)
+    wait_idle(server, IN_FLIGHT)
     m = lambda name: metric(server.metrics_url, name)  # noqa: E731
     hits, hit_tokens, computed = m("dsv4_prefix_cache_hits_total"), m("dsv4_prefix_cache_hit_tokens_total"), m("dsv4_prefill_computed_tokens_total")
 
@@ -46,7 +41,7 @@ def test_shared_prefix_hits_the_cache_skips_prefill_and_matches_a_cold_run(serve
     start = time.perf_counter()
     warm = grpc_stream(server.grpc_url, second, max_tokens=8, temperature=0.0)
     warm_s = time.perf_counter() - start
-    _wait_idle(server)
+    wait_idle(server, IN_FLIGHT)
     assert cold.error is None and warm.error is None
     assert m("dsv4_prefix_cache_hits_total") == hits + 1
     assert m("dsv4_prefix_cache_hit_tokens_total") - hit_tokens >= 1024
@@ -63,7 +58,7 @@ def test_shared_prefix_hits_the_cache_skips_prefill_and_matches_a_cold_run(serve
 def test_kv_metrics_are_exported_and_return_to_zero_when_idle(server):
     reply = grpc_stream(server.grpc_url, "metrics please", max_tokens=6, temperature=0.0)
     assert reply.error is None
-    _wait_idle(server)
+    wait_idle(server, IN_FLIGHT)
     text = urllib.request.urlopen(server.metrics_url).read().decode()
     for name in ("dsv4_kv_blocks_used", "dsv4_kv_blocks_free", "vllm:num_requests_running", "vllm:num_requests_waiting",
                  "vllm:time_to_first_token_seconds_bucket", "dsv4_prefix_cache_hits_total"):

@@ -26,7 +26,7 @@ from dsv4.client.openai_server.chat_template import render_prompt
 from dsv4.scripts import generate
 from dsv4.scripts.triton_launcher import free_ports
 
-from .calls import metric
+from .calls import metric, wait_idle
 
 KEY = "sk-test-" + secrets.token_hex(8)
 PROMPT = "The capital of France is"
@@ -179,14 +179,6 @@ def test_tools_and_tool_history_reach_the_model_as_rendered(client, reference, c
     assert not resp.choices[0].message.tool_calls  # random weights write no DSML; the parser is unit-tested
 
 
-def _wait_idle(server, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while metric(server.metrics_url, "vllm:num_requests_running") != 0:
-        assert time.monotonic() < end, "decode still holds the request"
-        time.sleep(0.1)
-    time.sleep(0.3)  # gauges are published every 0.1 s
-
-
 def _post_and_hang_up(url: str, body: dict, after_s: float) -> None:
     """A client that sends a request and goes away without reading the answer."""
     data = json.dumps(body).encode()
@@ -200,7 +192,7 @@ def _post_and_hang_up(url: str, body: dict, after_s: float) -> None:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 def test_client_disconnect_cancels_decode_and_frees_its_blocks(server, client, openai_url, stream):
-    _wait_idle(server)
+    wait_idle(server)
     before = metric(server.metrics_url, "vllm:generation_tokens_total")
     body = {"model": "dsv4", "prompt": "Tell me a long story", "max_tokens": 1000, "temperature": 0}
     if stream:
@@ -212,7 +204,7 @@ def test_client_disconnect_cancels_decode_and_frees_its_blocks(server, client, o
                     break  # leaving the block closes the connection mid-stream
     else:
         _post_and_hang_up(openai_url, body, after_s=1.0)
-    _wait_idle(server)
+    wait_idle(server)
     generated = metric(server.metrics_url, "vllm:generation_tokens_total") - before
     assert 0 < generated < 200, generated  # decode stopped long before max_tokens
     assert metric(server.metrics_url, "dsv4_kv_blocks_used") == 0
@@ -261,7 +253,7 @@ def test_locust_through_the_openai_api_counts_what_the_server_generated(server, 
     from load_tests.report import read_samples
 
     monkeypatch.setenv("DSV4_OPENAI_API_KEY", KEY)
-    _wait_idle(server)
+    wait_idle(server)
     before = metric(server.metrics_url, "vllm:generation_tokens_total")
     code = load_run.main(["--scenario", "short_chat", "--host", f"openai://{openai_url.split('://', 1)[1]}",
                           "--users", "2", "--duration", "8s", "--out", str(tmp_path), "--no-plots"])
@@ -270,7 +262,7 @@ def test_locust_through_the_openai_api_counts_what_the_server_generated(server, 
     assert samples and all(s["status"] == "ok" and s["protocol"] == "openai" for s in samples), samples[:2]
     assert all(s["t_first"] is not None and s["t_first"] > s["t0"] and 1 <= s["num_output_tokens"] <= 64 for s in samples)
     assert all(sum(s["chunk_tokens"]) == s["num_output_tokens"] for s in samples)
-    _wait_idle(server)
+    wait_idle(server)
     time.sleep(0.3)  # counters are published every 0.1 s
     made = metric(server.metrics_url, "vllm:generation_tokens_total") - before
     assert 0 < sum(s["num_output_tokens"] for s in samples) <= made
