@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import queue
+import re
 import socket
 import threading
 import time
@@ -79,6 +80,12 @@ def check_http(req: HttpRequest, out: Outcome) -> None:
     assert "Failed to process the request" not in message and "Traceback" not in message, out
 
 
+def sse_lines(text: str) -> list[str]:
+    """An event stream's lines: SSE ends lines only with CRLF, LF or CR. str.splitlines would also
+    cut at U+0085, U+2028 and the like, which JSON carries unescaped inside generated text."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
 def _json(what) -> dict:
     text = what.detail if isinstance(what, Outcome) else what
     try:
@@ -89,7 +96,7 @@ def _json(what) -> dict:
 
 def _check_success_body(path: str, text: str) -> None:
     if path.endswith("generate_stream"):
-        events = [_json(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+        events = [_json(line[5:]) for line in sse_lines(text) if line.startswith("data:")]
         assert events, text
         assert "error" in events[-1] or events[-1].get("finish_reason") in FINISH_REASONS, text
     elif path.endswith("generate"):

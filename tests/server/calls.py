@@ -14,6 +14,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from dsv4.client.http_client import SSEParser
+
 
 @dataclass
 class Reply:
@@ -106,10 +108,9 @@ def http_generate(url: str, prompt: str, model: str = "dsv4", **params) -> tuple
 def http_stream(url: str, prompt: str, **params) -> Reply:
     status, body = http_post(url, "/v2/models/dsv4/generate_stream", {"text_input": prompt, "stream": True, **params})
     reply = Reply()
-    for line in body.decode().splitlines():
-        if not line.startswith("data:"):
-            continue
-        event = json.loads(line[5:])
+    parser = SSEParser()
+    for sse in parser.feed(body) + parser.close():
+        event = json.loads(sse.data)
         if "error" in event:
             reply.error = event["error"]
             break
