@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from .tokenizer_split import encode_pieces, splittable
 
@@ -159,51 +160,42 @@ class TextCodec:
 
 
 class IncrementalDetokenizer:
-    """Turns a stream of generated token ids into text deltas.
+    """Turns a stream of generated token ids into text deltas (`tokenizers.decoders.DecodeStream`).
 
     Each delta is the new part of the cumulatively decoded text, and the concatenation of all deltas
     plus `flush()` equals `codec.decode(all_ids, skip_special_tokens)` exactly. Output is held back
-    while the decoded tail ends in U+FFFD (an incomplete UTF-8 sequence that later tokens may complete).
-    Only the window `ids[prefix_offset:]` is decoded per step: `prefix_offset..read_offset` is the
-    already-emitted context and `read_offset..` the tokens not yet turned into text, so a step costs
-    O(new tokens) amortised. One instance per request; not thread-safe.
+    while the decoded tail ends in U+FFFD (an incomplete UTF-8 sequence that later tokens may complete);
+    the stream decodes only a small window of recent ids per step. One instance per request; not
+    thread-safe.
     """
 
     def __init__(self, codec: TextCodec, skip_special_tokens: bool = False) -> None:
         self._codec = codec
         self._skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-        # decode(ids[prefix_offset:read_offset]), cached because it only changes when the offsets move
-        self._prefix_text = ""
-
-    def _decode(self, start: int, stop: int | None = None) -> str:
-        return self._codec.decode(self.token_ids[start:stop], self._skip_special_tokens)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        # ids pushed since the last text came out: what `flush` still owes
+        self.held_ids: list[int] = []
 
     def push(self, token_ids: int | Iterable[int]) -> str:
         """Add one or more generated ids; return the text that is now final (possibly "")."""
-        if isinstance(token_ids, int):
-            self.token_ids.append(token_ids)
-        else:
-            self.token_ids.extend(token_ids)
-        new_text = self._decode(self.prefix_offset)
-        if len(new_text) <= len(self._prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
-            return ""
-        return self._advance(new_text)
+        ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        out = []
+        for token_id in ids:
+            text = self._stream.step(self._codec.tokenizer, token_id)
+            if text is None:
+                self.held_ids.append(token_id)
+            else:
+                self.held_ids.clear()
+                out.append(text)
+        return "".join(out)
 
     def flush(self) -> str:
-        """Emit whatever is held back (a trailing U+FFFD stays, as in the full decode)."""
-        if self.read_offset == len(self.token_ids):
-            return ""
-        return self._advance(self._decode(self.prefix_offset))
+        """Emit whatever is held back (a trailing U+FFFD stays, as in the full decode).
 
-    def _advance(self, new_text: str) -> str:
-        # the emitted prefix is complete UTF-8, so the wider decode always starts with it
-        delta = new_text[len(self._prefix_text) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
-        return delta
+        The text emitted so far ends on a whole character, so the held ids decode alone to the
+        full decode's tail."""
+        held, self.held_ids = self.held_ids, []
+        return self._codec.decode(held, self._skip_special_tokens) if held else ""
 
 
 class StopResult(NamedTuple):
