@@ -9,8 +9,9 @@ batches given by --hf-batches), run as the served decode runs it (a CUDA graph p
 sampling) with the kernels one step launches and whether rows holding copies of one state give
 bitwise-equal logits; the same on a 4-layer shape with V4-Flash's 256 routed experts, its weights
 made on the GPU; served against in-process (scripts/e2e_served.py): the first request after start,
-each --served-streams configuration, one --served-long prompt and the running streams' inter-token
-latency while an --itl-long prompt prefills; the prefill -> decode handoff; KV bytes per token
+each --served-streams configuration (also run through the served engines in this process, without
+Triton, so that the two differ only by Triton's path), one --served-long prompt and the running
+streams' inter-token latency while an --itl-long prompt prefills; the prefill -> decode handoff; KV bytes per token
 against dsv4-kv-report; the longest single sequence; the batch-1 weight-read floor.
 `--json` writes every figure (null where not measured) with the commit, date and GPU.
 """
@@ -93,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="one more dsv4-serve flag for the served half, e.g. "
                         "--serve-arg=--prefill-token-budget=8192 (repeatable)")
+    p.add_argument("--no-engines", action="store_true",
+                   help="skip running each --served-streams configuration through the served engines in this process")
     p.add_argument("--no-triton", action="store_true")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--no-longest", action="store_true", help="skip the longest-sequence probe")
@@ -217,15 +220,24 @@ def _path_costs(server: dict) -> str:
             f"execute {_fmt(guard.get('compute_us_per_request'), '.0f')} µs per chunk")
 
 
-def served_rows(args, served: dict, stream_decode: dict) -> list[dict]:
-    """One entry per --served-streams configuration: via Triton against in-process decode there."""
+def served_rows(args, served: dict, stream_decode: dict, engines: dict) -> list[dict]:
+    """One entry per --served-streams configuration: via Triton against in-process decode at that
+    batch, and against the same streams through the served engines in this process."""
     rows = []
     for streams, context, tokens in args.served_streams:
         got = served["streams"].get((streams, context, tokens), {})
         triton, inproc = _num(got.get("tokens_per_s")), _num(stream_decode[(streams, context)]["tokens_per_s"])
+        engine = engines.get((streams, context, tokens), {})
+        engine_tok_s = _num(engine.get("tokens_per_s"))
         rows.append({"streams": streams, "prompt_tokens": context, "tokens": tokens,
                      "triton_tok_s": triton, "inproc_tok_s": inproc,
                      "ratio": triton / inproc if triton is not None and inproc else None,
+                     "engines_tok_s": engine_tok_s,
+                     "engines_all_decoding_tok_s": _num(engine.get("all_decoding_tokens_per_s")),
+                     "engines_median_ttft_ms": _num(engine.get("ttft_s"), 1e3),
+                     "engines_ttfts_ms": [_num(t, 1e3) for t in engine.get("ttfts_s", [])],
+                     "engines_error": engine.get("error"),
+                     "ratio_engines": triton / engine_tok_s if triton is not None and engine_tok_s else None,
                      "triton_all_decoding_tok_s": _num(got.get("all_decoding_tokens_per_s")),
                      "all_decoding_s": _num(got.get("all_decoding_s")),
                      "median_ttft_ms": _num(got.get("ttft_s"), 1e3),
@@ -285,6 +297,56 @@ def print_served_table(args, served: dict, ttft_ms: dict, inproc_first_ms: float
               + ("" if itl["streams_outlasted_prefill"] else "; a stream ended before the prefill did"))
     for what, error in served["errors"].items():
         print(f"\n{what} via Triton failed: {error}")
+    print_engines_table(streams)
+
+
+def print_engines_table(streams: list[dict]) -> None:
+    """Each stream configuration through the served engines in this process against via Triton: the
+    same scheduler on both sides, so the ratio is what Triton's path costs."""
+    if not any(r["engines_tok_s"] is not None or r["engines_error"] for r in streams):
+        return
+    print("\n| streams | in-process engines: tok/s (all decoding), median TTFT | via Triton: tok/s (all decoding), "
+          "median TTFT | Triton / engines |")
+    print("|---|---:|---:|---:|")
+    for r in streams:
+        engines = (r["engines_error"] or f"{_unit(r['engines_tok_s'], 'tok/s', '.0f')} "
+                   f"({_unit(r['engines_all_decoding_tok_s'], 'tok/s', '.0f')}), {_unit(r['engines_median_ttft_ms'], 'ms', '.0f')}")
+        triton = (f"{_unit(r['triton_tok_s'], 'tok/s', '.0f')} ({_unit(r['triton_all_decoding_tok_s'], 'tok/s', '.0f')}), "
+                  f"{_unit(r['median_ttft_ms'], 'ms', '.0f')}")
+        print(f"| {r['streams']} x {r['prompt_tokens']:,} x {r['tokens']} | {engines} | {triton} | "
+              f"{_fmt(r['ratio_engines'], '.2f')}x |")
+    for r in streams:
+        if r["engines_ttfts_ms"]:
+            print(f"\n{r['streams']} x {r['prompt_tokens']:,} tokens in-process: first tokens at "
+                  + ", ".join(f"{t / 1e3:.2f}" for t in r["engines_ttfts_ms"]) + " s")
+
+
+def engine_streams(args, model, codec, layout, time_left) -> dict:
+    """Each --served-streams configuration through the served engines in this process, with the
+    prefill settings dsv4-serve resolves from --device and --serve-arg."""
+    from dsv4.scripts import e2e_inproc as ours
+    from dsv4.scripts import serve
+
+    settings = serve.parse_args(["--device", args.device, *args.serve_arg])
+    serve.device_defaults(settings)
+    out = {}
+    for streams, context, tokens in args.served_streams:
+        if not time_left(30, f"{streams} x {context} streams through the in-process engines"):
+            continue
+        print(f"in-process engines: {streams} x {context} tokens, {tokens} out ...", file=sys.stderr)
+        # the prefill pool holds the prompts of a full pass and the prefix cache's copies beside them
+        prefill_gib = (settings.prefill_max_prompts + 2) * layout.request_bytes(context + 64).total / 2**30 + 0.25
+        try:
+            out[(streams, context, tokens)] = ours.engine_streams(
+                model, codec, streams, context, tokens, settings.prefill_chunk, settings.prefill_token_budget,
+                settings.prefill_max_prompts, prefill_gib)
+        except torch.cuda.OutOfMemoryError:
+            out[(streams, context, tokens)] = {"error": "out of memory"}
+        finally:
+            gc.collect()
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     decode = {(b, c): decode_or_oom(b, c) for c in args.contexts for b in args.batches}
     # the in-process side of each served configuration, unless the grid above measured it
     stream_decode = {(b, c): decode[(b, c)] if (b, c) in decode else decode_or_oom(b, c) for b, c, _ in args.served_streams}
+    engines = {} if args.no_engines else engine_streams(args, model, codec, layout, time_left)
 
     hf_ttft, hf_step = {}, {}
     if not args.no_transformers and time_left(120, "transformers"):
@@ -413,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{ {True: 'yes', False: 'NO', None: '-'}[r['rows_agree']]} | {_fmt(r.get('kernels_per_step'), 'd')} | "
               f"{_fmt(r.get('gpu_busy_graph'), '.0%')} | {_fmt(theirs, '.2f')} | {_ratio(r['step_ms'], theirs)} | {ratio} |")
 
-    stream_rows = served_rows(args, served, stream_decode)
+    stream_rows = served_rows(args, served, stream_decode, engines)
     long = long_row(args, served, long_inproc)
     print()
     print_served_table(args, served, {n: s * 1e3 for n, s in ttft.items()}, inproc_first_s * 1e3, stream_rows, long)

@@ -104,7 +104,11 @@ def concurrent_streams(url: str, prompts: list[str], tokens: int) -> dict:
     batch's rate when prefill staggers the streams so that short outputs barely overlap. The
     all-decoding window is the like-for-like figure for in-process decode at that batch; it is
     empty (None) when the first streams finish before the last one starts."""
-    results = Streams([lambda p=p: stream_arrivals(url, p, tokens) for p in prompts]).results()
+    return stream_rates(Streams([lambda p=p: stream_arrivals(url, p, tokens) for p in prompts]).results())
+
+
+def stream_rates(results: list[tuple[float, list[tuple[float, int]]]]) -> dict:
+    """concurrent_streams' figures from each stream's (sent, [(arrival, tokens), ...])."""
     ttfts = sorted(arr[0][0] - sent for sent, arr in results)
     start, end = min(arr[0][0] for _, arr in results), max(arr[-1][0] for _, arr in results)
     decoded = sum(n for _, arr in results for _, n in arr[1:])
@@ -112,7 +116,8 @@ def concurrent_streams(url: str, prompts: list[str], tokens: int) -> dict:
     in_window = sum(n for _, arr in results for at, n in arr if lo < at <= hi)
     return {"tokens_per_s": decoded / (end - start) if end > start else None,
             "all_decoding_tokens_per_s": in_window / (hi - lo) if hi > lo else None,
-            "all_decoding_s": max(hi - lo, 0.0), "ttft_s": ttfts[len(ttfts) // 2], "ttfts_s": ttfts}
+            "all_decoding_s": max(hi - lo, 0.0), "ttft_s": ttfts[len(ttfts) // 2], "ttfts_s": ttfts,
+            "stream_tokens": [sum(n for _, n in arr) for _, arr in results]}
 
 
 def long_prompt(url: str, codec, tokens: int, timeout_s: float) -> dict:

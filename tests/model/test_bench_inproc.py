@@ -49,3 +49,25 @@ def test_decode_batch_rows_are_copies_of_one_request(model):
     out = e2e_inproc.decode_steps(model, 3, 280, 3, "float")
     assert out["rows_agree"]
     assert out["tokens_per_s"] == pytest.approx(3 / (out["step_ms"] / 1e3))
+
+
+def test_stream_rates_of_two_made_up_streams():
+    from dsv4.scripts.e2e_served import stream_rates
+
+    # stream A sent at 0: first token at 1, then 2 tokens at 2 and 1 at 4; stream B sent at 0.5: first at 3, then 3 at 5
+    out = stream_rates([(0.0, [(1.0, 1), (2.0, 2), (4.0, 1)]), (0.5, [(3.0, 1), (5.0, 3)])])
+    assert out["ttfts_s"] == [1.0, 2.5] and out["ttft_s"] == 2.5
+    assert out["tokens_per_s"] == pytest.approx(6 / 4.0)  # tokens after each first one, from 1 s to 5 s
+    # both decoding from 3 s (B's first token) to 4 s (A's last): A's token at 4
+    assert out["all_decoding_s"] == 1.0 and out["all_decoding_tokens_per_s"] == pytest.approx(1.0)
+    assert out["stream_tokens"] == [4, 4]
+
+
+def test_streams_through_the_served_engines_in_process(model):
+    from dsv4.backend.tokenizer import TextCodec
+
+    out = e2e_inproc.engine_streams(model, TextCodec.load(), streams=3, context=40, tokens=5, chunk=32, budget=64,
+                                    max_prompts=2, prefill_gib=0.05)
+    assert out["stream_tokens"] == [5, 5, 5]  # every stream made exactly its tokens
+    assert len(out["ttfts_s"]) == 3 and all(t > 0 for t in out["ttfts_s"])
+    assert out["tokens_per_s"] > 0
