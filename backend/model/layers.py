@@ -30,11 +30,12 @@ class RMSNormWeight(nn.Module):
         self.weight = empty_param(dim, dtype=torch.float32)
 
 
-def fuse_linears(linears: list[Linear]) -> torch.Tensor:
+def fuse_linears(linears: list[Linear], keep_values: bool = False) -> torch.Tensor:
     """One `[sum out, in]` weight whose row blocks ARE the given linears' weights (views, no copy).
 
     The checkpoint loader fills the views in place, so the per-module names stay the checkpoint's
-    while the kernel path runs one GEMM for every projection that shares an input.
+    while the kernel path runs one GEMM for every projection that shares an input. `keep_values`
+    copies the weights' current values in (fusing again after a weight was replaced, e.g. sharded).
     """
     fused = torch.empty(sum(m.weight.shape[0] for m in linears), linears[0].weight.shape[1], dtype=linears[0].weight.dtype,
                         device=linears[0].weight.device)
@@ -42,6 +43,8 @@ def fuse_linears(linears: list[Linear]) -> torch.Tensor:
     for m in linears:
         out = m.weight.shape[0]
         assert m.weight.shape[1] == fused.shape[1] and m.weight.dtype == fused.dtype, "fused linears share in-dim and dtype"
+        if keep_values:
+            fused[row:row + out].copy_(m.weight)
         m.weight = nn.Parameter(fused[row:row + out], requires_grad=False)
         row += out
     return fused

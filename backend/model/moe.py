@@ -1,11 +1,16 @@
 """Mixture of experts: hash routing (first layers) or sqrt-softplus scores with a selection bias.
 
-Two paths over the same weights. The reference (`forward`) loops over the experts a batch uses.
-The grouped path (`grouped`, the kernel path) routes on the device, sorts token-expert pairs by
-expert and runs two grouped GEMMs over all experts at once, the shared expert included as group E:
-no host synchronisation and no per-expert launches, whatever the expert count. The experts'
-weights are views into `w13 [E+1, 2I, d]` (gate rows first, then up) and `w2 [E+1, d, I]`, so the
-checkpoint names stay per expert while the GEMMs read one stacked tensor.
+Two paths over the same weights, both through `forward` (so hooks see either). The reference
+(`loop`) loops over the experts a batch uses. The grouped path (`grouped`, the kernel path) routes
+on the device, sorts token-expert pairs by expert and runs two grouped GEMMs over all experts at
+once, the shared expert included as group E: no host synchronisation and no per-expert launches,
+whatever the expert count. The experts' weights are views into `w13 [E+1, 2I, d]` (gate rows first,
+then up) and `w2 [E+1, d, I]`, so the checkpoint names stay per expert while the GEMMs read one
+stacked tensor.
+
+A rank of a tensor/expert-parallel model (`restack`) stacks only its own routed experts (whole or
+width-sliced); pairs routed elsewhere get weight 0 and are left out of the GEMMs, and the shared
+expert (whose slice may differ in width) runs apart.
 """
 
 from __future__ import annotations
@@ -86,8 +91,30 @@ class MoE(nn.Module):
             self.register_buffer("w2", torch.empty(groups, d, inter, dtype=dtype, device=device), persistent=False)
             for e, expert in enumerate([*self.experts, self.shared_experts]):
                 expert.bind(self.w13[e], self.w2[e])
+        self.local: tuple[int, int] | None = None  # (first, count) of the stacked routed experts of a rank
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor, grouped: bool = False) -> torch.Tensor:
+        """The layer's output; `grouped`: on the device kernels (the kernel path), else the reference loop."""
+        return self.grouped(x, token_ids) if grouped else self.loop(x, token_ids)
+
+    def restack(self, first: int, count: int) -> None:
+        """Stack routed experts first .. first+count-1 only (a rank's share, their weights as they are
+        now) for the grouped path; the shared expert then runs apart."""
+        experts = list(self.experts[first:first + count])
+        inter, d = experts[0].w1.weight.shape
+        like = experts[0].w1.weight
+        w13 = torch.empty(count, 2 * inter, d, dtype=like.dtype, device=like.device)
+        w2 = torch.empty(count, d, inter, dtype=like.dtype, device=like.device)
+        for e, expert in enumerate(experts):
+            w13[e, :inter].copy_(expert.w1.weight)
+            w13[e, inter:].copy_(expert.w3.weight)
+            w2[e].copy_(expert.w2.weight)
+            expert.bind(w13[e], w2[e])
+        self.register_buffer("w13", w13, persistent=False)
+        self.register_buffer("w2", w2, persistent=False)
+        self.stacked, self.local = True, (first, count)
+
+    def loop(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         weights, idx = self.gate(x, token_ids)
         out = torch.zeros_like(x)
         for e in torch.unique(idx).tolist():
@@ -101,13 +128,22 @@ class MoE(nn.Module):
         from dsv4.kernels.moe.kernel import moe_align, moe_combine, moe_route, swiglu
 
         if not self.stacked:
-            return self.forward(x, token_ids)
+            return self.loop(x, token_ids)
         gate = self.gate
         if gate.hashed:
             weights, ids = moe_route(gate.logits(x), gate.topk, gate.route_scale, tid2eid=gate.tid2eid, token_ids=token_ids)
         else:
             weights, ids = moe_route(gate.logits(x), gate.topk, gate.route_scale, bias=gate.bias)
-        rows, slots, offsets = moe_align(ids, self.w13.shape[0])  # token-expert pairs grouped by expert
+        groups = self.w13.shape[0]
+        if self.local is not None:  # pairs of other ranks' experts (and the shared one) sort last, weight 0
+            first, count = self.local
+            mine = (ids >= first) & (ids < first + count)
+            ids = torch.where(mine, ids - first, count).to(torch.int32)
+            weights = torch.where(mine, weights, 0.0)
+            groups = count + 1
+        rows, slots, offsets = moe_align(ids, groups)  # token-expert pairs grouped by expert
+        offsets = offsets[:self.w13.shape[0]]  # rows past the last offset: not computed, combined with weight 0
         h = torch._grouped_mm(x.index_select(0, rows), self.w13.transpose(1, 2), offs=offsets)
         y = torch._grouped_mm(swiglu(h, self.limit), self.w2.transpose(1, 2), offs=offsets)
-        return moe_combine(y, slots, weights)
+        out = moe_combine(y, slots, weights)
+        return out if self.local is None else out + self.shared_experts(x)

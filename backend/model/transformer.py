@@ -60,7 +60,7 @@ class Block(nn.Module):
         streams, flat = hc_post(streams, attend(x), post, comb, flat=True)
         x, post, comb = fused_collapse(streams, flat, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale,
                                        self.ffn_norm.weight, self.cfg)
-        return hc_post(streams, self.ffn.grouped(x, token_ids), post, comb, flat=True)
+        return hc_post(streams, self.ffn(x, token_ids, grouped=True), post, comb, flat=True)
 
 
 def fused_collapse(streams: torch.Tensor, flat: torch.Tensor | None, fn: torch.Tensor, base: torch.Tensor,

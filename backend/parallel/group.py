@@ -69,10 +69,11 @@ class ParallelConfig:
                                 f"spread evenly over {ep} ranks")
 
     def check_device(self, device: torch.device | str) -> None:
-        # the CUDA kernel path reads fused weights (attention projections, stacked experts) that are not sharded
+        # the shards run the kernel path too (tests/parallel, Triton interpreter), but one GPU per rank
+        # (device placement of the served ranks, NCCL in CUDA graphs) has not run on a multi-GPU machine
         if self.enabled and torch.device(device).type != "cpu":
-            raise ParallelError(f"--tensor-parallel/--expert-parallel run the PyTorch reference path on CPU only, "
-                                f"not on {device} (the kernel path is not sharded)")
+            raise ParallelError(f"--tensor-parallel/--expert-parallel run on CPU only (gloo), not on {device}: "
+                                f"one GPU per rank over NCCL is not wired up yet")
 
 
 def turn_off_multicast() -> None:

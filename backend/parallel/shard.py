@@ -12,6 +12,8 @@
   splits every routed expert's intermediate width; TP splits the shared expert's width, and EP
   alone keeps the shared expert on rank 0 only, so the summed output counts it once.
 - Embedding, mHC, router, norms and head are replicated (a vocabulary-split head would need a gather).
+- The kernel path's fused weights follow: the q-latent projection is fused again from the rank's
+  query rows, and the grouped MoE stacks the rank's routed experts only (`MoE.restack`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from ..model.attention import Attention
+from ..model.layers import fuse_linears
 from ..model.moe import Expert, MoE
 from ..model.transformer import Transformer
 from .group import ParallelConfig
@@ -54,8 +57,9 @@ def shard_attention(attn: Attention, parts: int, index: int) -> None:
     attn.wo_a.weight = _param(wo_a.reshape(groups * latent, -1))
     attn.wo_b.weight = _param(attn.wo_b.weight[:, first_group * latent:(first_group + groups) * latent])
     attn.cfg = replace(cfg, num_heads=heads, o_groups=groups)
-    # the kernel path's fused query weight still holds every head; TP refuses that path, and None makes any use fail
-    attn.cq_proj = None
+    # the kernel path's fused projection of the q latent: this rank's queries, then the (whole) index queries
+    cq_rows = [attn.wq_b] + ([attn.indexer.wq_b] if attn.indexer is not None else [])
+    attn.register_buffer("cq_proj", fuse_linears(cq_rows, keep_values=True), persistent=False)
 
 
 def keep_expert_part(expert: Expert, parts: int, index: int) -> None:
@@ -67,14 +71,17 @@ def keep_expert_part(expert: Expert, parts: int, index: int) -> None:
 
 def shard_moe(moe: MoE, parallel: ParallelConfig, rank: int) -> None:
     tp, ep = parallel.tensor_parallel, parallel.expert_parallel
+    num_experts = len(moe.experts)
     if ep > 1:
-        per_rank = len(moe.experts) // ep
-        for e in range(len(moe.experts)):
+        per_rank = num_experts // ep
+        first, count = rank * per_rank, per_rank
+        for e in range(num_experts):
             if e // per_rank == rank:
                 keep_expert_part(moe.experts[e], 1, 0)
             else:
                 moe.experts[e] = AbsentExpert()
     else:
+        first, count = 0, num_experts
         for expert in moe.experts:
             keep_expert_part(expert, tp, rank)
     if tp > 1:
@@ -83,9 +90,8 @@ def shard_moe(moe: MoE, parallel: ParallelConfig, rank: int) -> None:
         keep_expert_part(moe.shared_experts, 1, 0)
     else:
         moe.shared_experts = AbsentExpert()
-    if moe.stacked:
-        # the grouped path's stacked weights are the full model's; without them that path falls back to `forward`
-        moe.stacked, moe.w13, moe.w2 = False, None, None
+    # the grouped path (kernel path) stacks the rank's routed experts only; the full stack is dropped
+    moe.restack(first, count)
 
 
 def shard_model(model: Transformer, parallel: ParallelConfig, rank: int) -> Transformer:

@@ -95,7 +95,8 @@ def moe_combine_kernel(y_ptr, slots_ptr, weights_ptr, out_ptr, d, K1: tl.constex
     for j in tl.static_range(K1):
         slot = tl.load(slots_ptr + i_t * K1 + j).to(tl.int64)
         w = tl.load(weights_ptr + i_t * K1 + j)
-        acc += w * tl.load(y_ptr + slot * d + cols, mask=m, other=0.0).to(tl.float32)
+        # a pair of weight 0 adds nothing, whatever its row holds (another rank's expert: never written)
+        acc += tl.where(w != 0.0, w * tl.load(y_ptr + slot * d + cols, mask=m, other=0.0).to(tl.float32), 0.0)
     tl.store(out_ptr + i_t * d + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -174,7 +175,8 @@ def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 def moe_combine(y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_j weights[t, j] * y[slots[t, j]] in float32, cast to y's dtype: `[N, d]`.
+    """out[t] = sum_j weights[t, j] * y[slots[t, j]] in float32, cast to y's dtype: `[N, d]`
+    (`reference.combine_ref`: pairs of weight 0 are skipped, their rows may hold anything).
 
     y: `[M, d]` expert outputs in sorted order; slots: `[N, K1]` int64 rows of y; weights: `[N, K1]` float32.
     """

@@ -27,3 +27,10 @@ def route_ref(logits: Tensor, bias: Tensor | None, hash_ids: Tensor | None, topk
 def swiglu_ref(gate: Tensor, up: Tensor, limit: float) -> Tensor:
     """silu(min(gate, limit)) * clamp(up, -limit, limit), in the inputs' dtype."""
     return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+def combine_ref(y: Tensor, slots: Tensor, weights: Tensor) -> Tensor:
+    """out[t] = sum_j weights[t, j] * y[slots[t, j]] in float32 `[N, d]`; a pair of weight 0 adds
+    nothing whatever its row of y holds (a rank's rows for other ranks' experts are never computed)."""
+    picked = y.float()[slots]
+    return torch.where(weights[..., None] != 0, picked * weights[..., None], 0.0).sum(1)

@@ -14,7 +14,7 @@ from dsv4.backend.checkpoint.loader import load_model
 from dsv4.backend.parallel.group import ParallelConfig
 from dsv4.backend.parallel.launch import spawn_ranks
 
-from .workload import one_thread, run_parallel, run_workload
+from .workload import one_thread, run_kernel_workload, run_parallel, run_parallel_kernels, run_workload
 
 TOLERANCE = 1e-5  # float32: the ranks' partial sums add in another order than one process's
 TWO_RANKS = [ParallelConfig(2, 1), ParallelConfig(1, 2), ParallelConfig(2, 2)]
@@ -52,3 +52,16 @@ def test_parallel_logits_equal_one_process(parallel, reference, runs):
         assert diff <= TOLERANCE, f"{name}: largest logit difference {diff:.3g}"
         for rank, result in enumerate(ranks):
             assert torch.equal(result[name], ranks[0][name]), f"{name}: rank {rank} differs from rank 0"
+
+
+def test_kernel_path_on_two_ranks_equals_one_process(tiny_dir):
+    """The shards' fused weights (the q-latent projection fused again, the rank's experts stacked) and
+    the all-reduces on the kernel path: TP and EP at once on 2 ranks."""
+    with one_thread():
+        expected = run_kernel_workload(load_model(tiny_dir, progress=False))
+    ranks = spawn_ranks(run_parallel_kernels, 2, str(tiny_dir), ParallelConfig(2, 2), threads=1)
+    for name, logits in expected.items():
+        assert torch.isfinite(ranks[0][name]).all(), name
+        diff = (ranks[0][name] - logits).abs().max().item()
+        assert diff <= TOLERANCE, f"{name}: largest logit difference {diff:.3g}"
+        assert torch.equal(ranks[1][name], ranks[0][name]), f"{name}: rank 1 differs from rank 0"

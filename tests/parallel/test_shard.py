@@ -12,6 +12,7 @@ import torch
 from dsv4.backend.checkpoint.writer import randomize_weights
 from dsv4.backend.config import CSA
 from dsv4.backend.kv_cache.paged_cache import PagedCache
+from dsv4.backend.model import kernel_path
 from dsv4.backend.model.attention import Attention
 from dsv4.backend.model.transformer import Transformer
 from dsv4.backend.parallel.group import ParallelConfig, ParallelError
@@ -40,18 +41,22 @@ def test_shards_sum_to_the_full_layer(full, parallel):
     layer = CONFIG.layer_types.index(CSA)
     shards = _shards(full, parallel)
 
-    def attention(model):
+    def attention(model, kernels: bool = False):
         cache = PagedCache.for_requests(CONFIG, torch.float32, "cpu", 1, 64)
-        return Attention.prefill(model.layers[layer].attn, x, cache.admit("r", 64), cache.storage)
+        cache.storage.use_kernels = kernels
+        attend = kernel_path.prefill if kernels else Attention.prefill
+        # the kernel path on 13 tokens (three compressed entries): the interpreter is slow
+        return attend(model.layers[layer].attn, x[:13] if kernels else x, cache.admit("r", 64), cache.storage)
 
-    def hash_moe(model):
-        return model.layers[0].ffn(x, tokens)
-
-    def routed_moe(model):
-        return model.layers[-1].ffn(x, tokens)
-
-    sites = [("hash moe", hash_moe), ("routed moe", routed_moe)]
-    sites += [("attention", attention)] if parallel.tensor_parallel > 1 else []
+    sites = [("hash moe", lambda m: m.layers[0].ffn(x, tokens)), ("routed moe", lambda m: m.layers[-1].ffn(x, tokens))]
+    if parallel.world_size == 2:  # the kernel path (Triton interpreter on a CPU, slow): each split kind once
+        # grouped GEMMs over the rank's stacked experts: width-sliced (tp), whole (ep), whole + sliced shared (both)
+        sites += [("hash moe, grouped", lambda m: m.layers[0].ffn(x, tokens, grouped=True)),
+                  ("routed moe, grouped", lambda m: m.layers[-1].ffn(x, tokens, grouped=True))]
+    if parallel.tensor_parallel > 1:
+        sites += [("attention", attention)]
+    if parallel == ParallelConfig(2, 2):
+        sites += [("attention, kernels", lambda m: attention(m, kernels=True))]
     for site, run in sites:
         summed = sum(run(shard) for shard in shards)
         assert (summed - run(full)).abs().max().item() <= 1e-5, site

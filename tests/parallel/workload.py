@@ -53,6 +53,23 @@ def run_workload(model: Transformer) -> dict[str, torch.Tensor]:
     return {"prefill": prefill, "second chunk": chunk, "decode": decode}
 
 
+def run_kernel_workload(model: Transformer) -> dict[str, torch.Tensor]:
+    """A smaller workload on the kernel path (Triton interpreter on a CPU): two prompts prefilled in
+    one batch (every position's logits), then one batched decode step."""
+    g = torch.Generator().manual_seed(23)
+    prompts = [torch.randint(0, 2000, (n,), generator=g) for n in (3, 6)]
+    cache = PagedCache.for_requests(model.cfg, model.dtype, "cpu", len(prompts), MAX_POSITIONS)
+    cache.storage.use_kernels = True
+    seqs = [cache.admit(str(i), MAX_POSITIONS) for i in range(len(prompts))]
+    prefill = model.prefill_batch(list(zip(prompts, seqs)), cache.storage, all_logits=True)
+    decode = model.decode(torch.tensor([5, 7]), seqs, cache.storage)
+    return {"prefill (kernels)": prefill, "decode (kernels)": decode}
+
+
+def run_parallel_kernels(group: dist.ProcessGroup, model_dir: str, parallel: ParallelConfig) -> dict:
+    return run_kernel_workload(parallelize(load_model(model_dir, progress=False), parallel, group))
+
+
 def run_parallel(group: dist.ProcessGroup, model_dir: str, configs: list[ParallelConfig]) -> list[dict]:
     """Each config on a freshly loaded full model, sharded for this rank."""
     return [run_workload(parallelize(load_model(model_dir, progress=False), parallel, group)) for parallel in configs]
