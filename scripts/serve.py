@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dsv4.scripts import server_metrics
 from dsv4.scripts.openai_frontend import OpenAIFrontend
+from dsv4.scripts.stage_gpus import PlacementError, StageGpus
 from dsv4.scripts.triton_launcher import (
     COLOCATED_MODELS, SPLIT_MODELS, LaunchError, RunningServer, ServerOptions, TritonBundle, build_backend_dir,
     build_repository, port_free, start_server, wait_ready,
@@ -75,9 +76,10 @@ def handoff_bytes(model_dir: Path, max_model_len: int, element_size: int) -> int
 def template_values(args, model_dir: Path) -> dict[str, str]:
     cuda = args.device == "cuda"
     colocated = args.stage_layout == "colocated"
+    gpus = StageGpus.from_options(args.decode_gpus, args.prefill_gpus)
     # colocated: decode's process holds both stages, so it gets the whole share and prefill's part
     # of it is a part of the KV budget; its torch threads serve both loops on a CPU
-    decode_fraction = args.gpu_memory_utilization * (1 if colocated else 1 - args.prefill_memory_share)
+    decode_fraction = gpus.decode_fraction(args.gpu_memory_utilization, args.prefill_memory_share, colocated)
     decode_threads = max(args.decode_cpu_threads, args.prefill_cpu_threads) if colocated else args.decode_cpu_threads
     return {
         "model_dir": str(model_dir), "device": args.device, "dtype": args.dtype, "kv_format": args.kv_format,
@@ -88,7 +90,9 @@ def template_values(args, model_dir: Path) -> dict[str, str]:
         "kv_cache_bytes": str(int((args.kv_cache_gib or 0) * (1 << 30))),
         "prefix_cache_bytes": str(int((args.prefix_cache_gib or 0) * (1 << 30))),
         "decode_memory_fraction": f"{decode_fraction:.4f}",
-        "prefill_memory_fraction": f"{args.gpu_memory_utilization * args.prefill_memory_share:.4f}",
+        "prefill_memory_fraction": gpus.prefill_fractions(args.gpu_memory_utilization, args.prefill_memory_share),
+        "decode_gpus": gpus.instance_gpus((gpus.decode,)) if cuda else "",
+        "prefill_gpus": gpus.instance_gpus(gpus.prefill) if cuda else "",
         "snapshot_interval": str(args.snapshot_interval), "decode_cpu_threads": str(decode_threads),
         "prefill_cpu_threads": str(args.prefill_cpu_threads), "prefill_chunk": str(args.prefill_chunk),
         "prefill_token_budget": str(args.prefill_token_budget), "prefill_max_prompts": str(args.prefill_max_prompts),
@@ -133,6 +137,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(decode's stream first); split: prefill is its own Triton model and process, handing the "
                         "cache state to decode through the ensemble. auto: colocated on cuda (two processes "
                         "time-slice one GPU), split on cpu (each stage gets its own threads)")
+    p.add_argument("--decode-gpus", default=None, metavar="GPU",
+                   help="the GPU decode runs on (default 0; cuda)")
+    p.add_argument("--prefill-gpus", default=None, metavar="GPUS",
+                   help="GPUs prefill runs on, one instance each, e.g. 0,1 (default: decode's; others than decode's "
+                        "need --stage-layout split, which auto then picks; the state moves GPU to GPU)")
     p.add_argument("--prefill-memory-share", type=float, default=0.3,
                    help="prefill's part of that share, decode gets the rest (split); prefill's part of the measured "
                         "KV budget (colocated) (default 0.3)")
@@ -176,7 +185,9 @@ def device_defaults(args) -> None:
     if args.kv_format == "auto":
         args.kv_format = "fp8" if args.device == "cuda" else "float"
     if args.stage_layout == "auto":
-        args.stage_layout = "colocated" if args.device == "cuda" else "split"
+        # prefill on GPUs of its own: its own process there (colocated would keep it on decode's GPU)
+        apart = args.prefill_gpus is not None and args.prefill_gpus.split(",") != [args.decode_gpus or "0"]
+        args.stage_layout = "colocated" if args.device == "cuda" and not apart else "split"
     # a GPU prefill pass is launch-bound below a few thousand tokens; a CPU one is compute-bound
     args.prefill_chunk = args.prefill_chunk or (8192 if args.device == "cuda" else 512)
     # on a GPU the pools are measured (None); a CPU has no device share to measure
@@ -204,7 +215,10 @@ def validate(args) -> Path:
 
         if not torch.cuda.is_available():
             raise LaunchError("--device cuda but no CUDA GPU is visible to this process")
+    elif args.decode_gpus is not None or args.prefill_gpus is not None:
+        raise LaunchError("--decode-gpus / --prefill-gpus place the stages on GPUs: they need --device cuda")
     device_defaults(args)
+    _validate_gpus(args)
     if args.kv_format != "float" and cfg.head_dim - cfg.rope_dim < 64:
         raise LaunchError(f"--kv-format {args.kv_format} needs head_dim - rope_dim >= 64 (this model: {cfg.head_dim - cfg.rope_dim})")
     args.max_model_len = min(args.max_model_len, cfg.max_position_embeddings)
@@ -225,6 +239,17 @@ def validate(args) -> Path:
         raise LaunchError(f"OpenAI port {args.openai_port} on {args.host} is already in use; choose another with --openai-port")
     _validate_parallel(args, cfg)
     return model_dir
+
+
+def _validate_gpus(args) -> None:
+    try:
+        gpus = StageGpus.from_options(args.decode_gpus, args.prefill_gpus)
+        if args.device == "cuda":
+            import torch
+
+            gpus.check(torch.cuda.device_count(), args.stage_layout == "colocated")
+    except PlacementError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def _validate_parallel(args, cfg) -> None:
@@ -255,6 +280,7 @@ def launch(args, model_dir: Path, work: Path, bundle: TritonBundle | None = None
         host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         exit_timeout_s=args.exit_timeout, shm_bytes=max(16 << 20, 2 * handoff),
         cuda_pool_bytes=(args.cuda_memory_pool_byte_size or pool) if args.device == "cuda" else 0,
+        cuda_pool_gpus=StageGpus.from_options(args.decode_gpus, args.prefill_gpus).used,
         api_key=None if loopback else args.api_key, extra_args=tuple(args.triton_arg),
     )
     models = COLOCATED_MODELS if args.stage_layout == "colocated" else SPLIT_MODELS

@@ -126,6 +126,7 @@ class ServerOptions:
     exit_timeout_s: int = 30
     shm_bytes: int = 64 << 20
     cuda_pool_bytes: int = 0
+    cuda_pool_gpus: tuple[int, ...] = (0,)  # the GPUs the stages run on: each gets a pool
     api_key: str | None = None
     extra_args: tuple[str, ...] = ()
 
@@ -143,7 +144,7 @@ def server_command(bundle: TritonBundle, repo: Path, backends: Path, opts: Serve
         "--backend-config=python,stub-timeout-seconds=120",
     ]
     if opts.cuda_pool_bytes:
-        cmd.append(f"--cuda-memory-pool-byte-size=0:{opts.cuda_pool_bytes}")
+        cmd += [f"--cuda-memory-pool-byte-size={gpu}:{opts.cuda_pool_bytes}" for gpu in opts.cuda_pool_gpus]
     if opts.api_key:
         # beyond loopback: model-repository and shared-memory APIs need the key
         for api in ("model-repository", "shared-memory"):

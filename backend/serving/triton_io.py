@@ -43,6 +43,19 @@ def instance_device(args: dict, params: dict[str, str]) -> str:
     return f"cuda:{args.get('model_instance_device_id', '0')}" if device == "cuda" else device
 
 
+def memory_fraction(params: dict[str, str], device: str) -> float:
+    """This instance's share of its GPU: `memory_fraction` is one number, or "gpu=fraction,..." for a
+    model with instances on several GPUs (dsv4-serve --prefill-gpus)."""
+    value = params["memory_fraction"]
+    if "=" not in value:
+        return float(value)
+    shares = dict(item.split("=") for item in value.split(","))
+    gpu = device.split(":")[1] if ":" in device else "0"
+    if gpu not in shares:
+        raise ValueError(f"memory_fraction {value!r} has no share for GPU {gpu}")
+    return float(shares[gpu])
+
+
 def compute_dtype(params: dict[str, str]) -> Any:
     import torch
 

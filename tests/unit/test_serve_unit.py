@@ -48,7 +48,7 @@ def test_gpu_pools_default_to_measured_and_cpu_pools_to_fixed_sizes(tmp_path):
     device_defaults(split)
     values = template_values(split, tmp_path)
     assert values["kv_cache_bytes"] == values["prefix_cache_bytes"] == "0"  # 0: sized after the warm-up
-    assert float(values["decode_memory_fraction"]) == 0.6 and float(values["prefill_memory_fraction"]) == 0.2
+    assert float(values["decode_memory_fraction"]) == 0.6 and values["prefill_memory_fraction"] == "0=0.2000"
     assert values["colocated_prefill"] == "no"
     # on a GPU prefill runs in decode's process by default: decode's share is the whole of it
     gpu = parse_args(["--device", "cuda", "--gpu-memory-utilization", "0.8", "--prefill-memory-share", "0.25"])

@@ -36,8 +36,8 @@ from dsv4.backend.serving.response_pacing import Pacer, counter_path, counter_re
 from dsv4.backend.serving.streams import stage_streams
 from dsv4.backend.serving.text_state import coalesce
 from dsv4.backend.serving.triton_io import (
-    KV_METRICS, MetricSet, chunk_tensors, compute_dtype, error_response, instance_device, model_parameters, report_kv_usage,
-    report_memory_split, watch_parent,
+    KV_METRICS, MetricSet, chunk_tensors, compute_dtype, error_response, instance_device, memory_fraction,
+    model_parameters, report_kv_usage, report_memory_split, watch_parent,
 )
 from dsv4.backend.tokenizer import TextCodec
 
@@ -55,7 +55,9 @@ def _input_torch(request, name, device):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor.is_cpu():
         return torch.from_numpy(tensor.as_numpy().copy()).to(device)
-    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(device).clone()
+    shared = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+    # Triton's buffer: copy it out (from prefill's GPU, when that is another one: a device-to-device copy)
+    return shared.clone() if shared.device == torch.device(device) else shared.to(device)
 
 
 class TritonPythonModel:
@@ -80,7 +82,7 @@ class TritonPythonModel:
             stage, settings, kv_bytes = self._init_prefill(params, model, max_len, kv_bytes, cuda_graphs)
         elif not kv_bytes:
             split = measure_decode_memory(model, params["kv_format"], int(params["max_batch"]), max_len,
-                                          float(params["memory_fraction"]), cuda_graphs)
+                                          memory_fraction(params, str(self.device)), cuda_graphs)
             kv_bytes = split.kv_bytes
             report_memory_split(self.metrics, split)
             pb_utils.Logger.log_info(split.describe())
@@ -147,7 +149,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"prefill: kernels warmed up in {seconds:.1f} s")
             return stage, settings, kv_bytes
         split = measure_memory(stage, settings, params["kv_format"], int(params["max_batch"]), max_len,
-                               float(params["memory_fraction"]), float(params["prefill_kv_share"]), cuda_graphs)
+                               memory_fraction(params, str(self.device)), float(params["prefill_kv_share"]), cuda_graphs)
         report_memory_split(self.metrics, split)
         pb_utils.Logger.log_info(split.describe())
         prefix_bytes = prefix_bytes or split.prefix_kv_bytes

@@ -24,8 +24,8 @@ from dsv4.backend.serving.prefill_stage import PrefillStage
 from dsv4.backend.serving.request import RequestConfig
 from dsv4.backend.serving.stages import serving_limits
 from dsv4.backend.serving.triton_io import (
-    KV_METRICS, MetricSet, compute_dtype, error_response, instance_device, model_parameters, report_memory_split,
-    watch_parent,
+    KV_METRICS, MetricSet, compute_dtype, error_response, instance_device, memory_fraction, model_parameters,
+    report_memory_split, watch_parent,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -58,7 +58,7 @@ class TritonPythonModel:
             seconds = stage.warm_up(settings.chunk, settings.widest_pass)
             pb_utils.Logger.log_info(f"prefill: kernels warmed up in {seconds:.1f} s")
             if not cache_bytes:
-                split = gpu_memory.split_after_warm_up("prefill", stage.model.device, float(params["memory_fraction"]),
+                split = gpu_memory.split_after_warm_up("prefill", stage.model.device, memory_fraction(params, device),
                                                        weights)
                 stage.allocate(split.kv_bytes)
                 report_memory_split(self.metrics, split)
