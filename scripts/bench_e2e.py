@@ -302,10 +302,11 @@ def print_served_table(args, served: dict, ttft_ms: dict, inproc_first_ms: float
 
 def print_engines_table(streams: list[dict]) -> None:
     """Each stream configuration through the served engines in this process against via Triton: the
-    same scheduler on both sides, so the ratio is what Triton's path costs."""
+    same scheduler on both sides, so the ratio is what Triton's path costs (the in-process engines are
+    colocated, as dsv4-serve runs them on cuda; on a CPU it splits the stages into two processes)."""
     if not any(r["engines_tok_s"] is not None or r["engines_error"] for r in streams):
         return
-    print("\n| streams | in-process engines: tok/s (all decoding), median TTFT | via Triton: tok/s (all decoding), "
+    print("\n| streams | in-process engines (colocated): tok/s (all decoding), median TTFT | via Triton: tok/s (all decoding), "
           "median TTFT | Triton / engines |")
     print("|---|---:|---:|---:|")
     for r in streams:
