@@ -77,17 +77,6 @@ def e2m1_encode(y):
 
 
 @triton.jit
-def e2m1_decode(code):
-    """e2m1 code (int32, 0..15) -> float32 value."""
-    mag = code & 7
-    e = mag >> 1
-    m = (mag & 1).to(tl.float32)
-    normal = exp2i(e - 1) * (1.0 + 0.5 * m)
-    val = tl.where(e == 0, 0.5 * m, normal)
-    return tl.where((code & 8) != 0, -val, val)
-
-
-@triton.jit
 def quantize_main_store(
     u8_ptr, bf16_ptr, page_base, row, m_r, x3, entries_per_page,
     NOPE: tl.constexpr, ROPE: tl.constexpr, SCALE_BYTES: tl.constexpr, DG_P2: tl.constexpr, SS_P2: tl.constexpr,
@@ -185,19 +174,34 @@ def load_index_fp8(u8_ptr, f32_ptr, page_base, row, m_r, entries_per_page, C: tl
 
 
 @triton.jit
+def e2m1_scaled_bits(code, sb):
+    """Float32 bits of e2m1 `code` (int32, 0..15) times 2^(sb - 127), `sb` the UE8M0 scale byte (>= 1).
+
+    Exact, and no float arithmetic: an e2m1 value has at most two significant bits, so scaling it by a
+    power of two only sets the exponent field (and the one mantissa bit). The only product below the
+    normal range, 0.5 * 2^-126, is the subnormal 2^-127."""
+    mag = code & 7
+    e = mag >> 1
+    exp_field = tl.where(e > 0, sb + e - 1, sb - 1)  # e > 0: 2^(e-1) * (1 + m/2); e == 0: m/2
+    mant = tl.where(e > 0, (mag & 1) << 22, 0)
+    bits = tl.where(exp_field > 0, (exp_field << 23) | mant, 1 << 22)
+    return tl.where(mag == 0, 0, bits) | ((code & 8) << 28)
+
+
+@triton.jit
 def load_index_fp4(u8_ptr, page_base, row, m_r, entries_per_page, C: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """FP4 index keys -> dequantized `[R, C]` in OUT_DTYPE (exact in bf16 and float32)."""
+    """FP4 index keys -> dequantized `[R, C]` in OUT_DTYPE (exact in bf16 and float32).
+
+    Each value byte is loaded once and split into its two dims (low nibble first)."""
     G: tl.constexpr = C // 32
     o_g = tl.arange(0, G)
-    o_c = tl.arange(0, 32)
-    byte3 = o_g[:, None] * 16 + o_c[None, :] // 2  # each byte read by its two dims
-    b = tl.load(u8_ptr + page_base[:, None, None] + row[:, None, None] * (C // 2) + byte3[None, :, :],
-                mask=m_r[:, None, None], other=0).to(tl.int32)
-    code = tl.where((o_c % 2 == 0)[None, None, :], b & 15, b >> 4)
+    o_b = tl.arange(0, 16)
+    b = tl.load(u8_ptr + page_base[:, None, None] + row[:, None, None] * (C // 2) + (o_g[:, None] * 16 + o_b[None, :])[None],
+                mask=m_r[:, None, None], other=0).to(tl.int32)  # [R, G, 16]: a group's 32 dims
     sb = tl.load(u8_ptr + page_base[:, None] + entries_per_page * (C // 2) + row[:, None] * G + o_g[None, :],
-                 mask=m_r[:, None], other=127).to(tl.int32)
-    val = e2m1_decode(code) * exp2i(sb - 127)[:, :, None]
-    return tl.reshape(val, [val.shape[0], C]).to(OUT_DTYPE)
+                 mask=m_r[:, None], other=127).to(tl.int32)[:, :, None]
+    bits = tl.join(e2m1_scaled_bits(b & 15, sb), e2m1_scaled_bits(b >> 4, sb))  # [R, G, 16, 2]
+    return tl.reshape(bits, [bits.shape[0], C]).to(tl.float32, bitcast=True).to(OUT_DTYPE)
 
 
 # ---- kernels ---------------------------------------------------------------------------------

@@ -147,6 +147,27 @@ def test_index_pages_bitwise(fmt, n):
         assert (err <= bound).all()
 
 
+def test_fp4_reads_every_code_at_the_extreme_scales():
+    """Every e2m1 code under the smallest scale byte (1: 0.5 * 2^-126 is the subnormal 2^-127), the
+    next one, 1.0 and a large one, in both nibbles, read back as the reference decodes them."""
+    lay = IndexLayout(128, "fp4")
+    codes = torch.arange(16, dtype=torch.uint8).repeat(8)  # [128]: each 32-dim group sees every code twice
+    rows = []
+    for shift in range(2):  # the codes in the low nibbles, then in the high ones
+        values = torch.roll(codes, shift)
+        packed = values[0::2] | (values[1::2] << 4)
+        rows.append(torch.cat([packed, torch.tensor([1, 2, 127, 250], dtype=torch.uint8)]))
+    entries = torch.stack(rows)  # [2, entry_bytes]
+    e = 4
+    pages = torch.zeros(1, e * lay.entry_bytes, dtype=torch.uint8)
+    page_ids, slots = torch.zeros(2, dtype=torch.int32), torch.tensor([3, 0], dtype=torch.int32)
+    ref.scatter_entries_ref(pages, page_ids, slots, entries, ref.index_planes(128, "fp4"))
+    out = read_index_entries(pages.to(DEVICE), page_ids.to(DEVICE), slots.to(DEVICE), 128, "fp4")
+    expected = ref.dequantize_index_ref(entries, 128, "fp4")
+    assert expected[0, 1].item() == 2.0**-127 and torch.signbit(expected[0, 8])
+    assert torch.equal(out.cpu(), expected) and torch.equal(torch.signbit(out.cpu()), torch.signbit(expected))
+
+
 @pytest.mark.parametrize("kind", ["main", "fp8", "fp4"])
 def test_packed_entries_match_reference(kind):
     g = make_generator(7)
