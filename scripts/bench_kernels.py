@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="append the markdown table to this file (e.g. docs/PERFORMANCE.md)")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit (no GPU needed)")
     p.add_argument("--sweep", action="store_true",
-                   help="instead of the table of ops, time launch-config variants of sparse_decode (CSA and HCA) and "
-                        "indexer_topk (FP8) at every --models x --batches x --contexts")
+                   help="instead of the table of ops, time launch-config and split-plan variants of sparse_decode (CSA "
+                        "and HCA) and launch variants of indexer_topk (FP8, FP4) at every --models x --batches x --contexts")
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -146,7 +146,7 @@ def sweep_rows(args: argparse.Namespace) -> list:
         for b in args.batches:
             for c in args.contexts:
                 for got in (decode_sweep(MODELS[name], b, c, "csa"), decode_sweep(MODELS[name], b, c, "hca"),
-                            indexer_sweep(MODELS[name], b, c)):
+                            indexer_sweep(MODELS[name], b, c), indexer_sweep(MODELS[name], b, c, "fp4")):
                     _print_rows(got)
                     rows += got
     return rows

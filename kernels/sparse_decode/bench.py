@@ -126,6 +126,9 @@ def bench(model: ModelShape, batch: int, context: int) -> list[BenchRow]:
 
 SWEEP_CONFIGS = [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (64, 32, 8, 3), (64, 32, 8, 1),
                  (64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (32, 32, 8, 2)]
+# split-K plans (keys per split at least, most splits) beside the default (DECODE_SPLIT_KEYS, DECODE_MAX_SPLITS),
+# timed with the default launch: more splits fill the GPU at batch 1, fewer write less workspace at batch 128
+SWEEP_SPLITS = [(64, 16), (256, 4), (32, 32), (640, 1)]
 
 
 def sweep(model: ModelShape, batch: int, context: int, mode: str, configs=SWEEP_CONFIGS) -> list[BenchRow]:
@@ -139,13 +142,16 @@ def sweep(model: ModelShape, batch: int, context: int, mode: str, configs=SWEEP_
     rate = model.csa_rate if mode == "csa" else model.hca_rate
     keys = min(context, model.window) + (min(model.topk, context // rate) if mode == "csa" else context // rate)
     flops = batch * sparse_decode_flops(model.heads, model.head_dim, keys)
+    variants = [(f"H/N/w/s={'/'.join(map(str, cfg))}", {"launch": cfg}) for cfg in configs]
+    variants += [(f"split keys/max={keys_per}/{most}", {"min_split_keys": keys_per, "max_splits": most})
+                 for keys_per, most in SWEEP_SPLITS]
     rows = []
-    for cfg in configs:
-        label = f"{model.name} B={batch} ctx={context} {mode} H/N/w/s={'/'.join(map(str, cfg))}"
+    for name, options in variants:
+        label = f"{model.name} B={batch} ctx={context} {mode} {name}"
         try:
-            out = sparse_decode(**kw, launch=cfg)
+            out = sparse_decode(**kw, **options)
             check_close(out[:m], ref, "sweep")
-            us = time_us(lambda: sparse_decode(**kw, out=out, launch=cfg), graph=True)
+            us = time_us(lambda: sparse_decode(**kw, out=out, **options), graph=True)
             rows.append(BenchRow("sparse_decode.sweep", label, us, flops=flops))
         except Exception as e:  # noqa: BLE001 - a config that fails to compile or to check is reported, not timed
             rows.append(BenchRow("sparse_decode.sweep", label, None, note=f"{type(e).__name__}: {str(e)[:80]}"))

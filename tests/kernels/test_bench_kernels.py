@@ -79,3 +79,15 @@ def test_bench_code_runs_at_tiny_shapes(op):
     else:
         rows = comp_bench.bench_prefill(model, 256, chunk=64)
     assert rows and all(r.us is not None and r.us > 0 for r in rows), [(r.op, r.note) for r in rows]
+
+
+def test_sweeps_check_and_time_every_variant_at_tiny_shapes():
+    """The --sweep variants (a launch config, then each split plan; FP4 indexer keys) are checked against the
+    reference before they are timed: every one at a tiny shape gets a time, none an error note."""
+    from dsv4.kernels.indexer_topk import bench as idx_bench
+    from dsv4.kernels.sparse_decode import bench as dec_bench
+
+    rows = dec_bench.sweep(_tiny(), 1, 256, "csa", configs=[(16, 16, 4, 1)])
+    assert len(rows) == 1 + len(dec_bench.SWEEP_SPLITS) and any("split keys/max=64/16" in r.config for r in rows)
+    rows += idx_bench.sweep(_tiny(), 1, 256, "fp4", configs=[(16, 1)])
+    assert all(r.us is not None and r.us > 0 for r in rows), [(r.config, r.note) for r in rows]
