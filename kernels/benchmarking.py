@@ -7,6 +7,7 @@ formatting are plain Python so they can be tested on a CPU.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 from collections.abc import Callable
 
@@ -107,10 +108,19 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+ONCE_ENV = "DSV4_BENCH_ONCE"  # set: time_us runs fn once, untimed (a profiler such as ncu sees one launch)
+
+
 def time_us(fn: Callable[[], object], rep_ms: int = 60, graph: bool = False) -> float:
     """Median time of fn in µs: triton.testing.do_bench (warm-up, L2 flushed between runs), or with
     `graph=True` replays of a CUDA graph of fn (device time without Python launch overhead, as a
-    graph-captured decode step sees it); falls back to do_bench when fn cannot be captured."""
+    graph-captured decode step sees it); falls back to do_bench when fn cannot be captured.
+    With DSV4_BENCH_ONCE set, fn runs once and the time is NaN (`scripts/ncu_kernels.py`)."""
+    if os.environ.get(ONCE_ENV):
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return float("nan")
     if not torch.cuda.is_available():
         import time
 

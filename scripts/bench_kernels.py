@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -56,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="context lengths, suffixes k/m allowed (default 8k,128k,1m)")
     p.add_argument("--prefill-queries", type=int, default=1024, help="query tokens of the sparse-prefill chunk (default 1024)")
     p.add_argument("--out", default=None, help="append the markdown table to this file (e.g. docs/PERFORMANCE.md)")
+    p.add_argument("--json", default=None, help="also write the rows, ceilings, commit, date and GPU to this JSON file "
+                                                 "(e.g. docs/bench/h200_kernels.json)")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit (no GPU needed)")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the table of ops, time launch-config and split-plan variants of sparse_decode (CSA "
@@ -178,10 +182,13 @@ def _meta(argv: list[str] | None) -> dict:
     import torch
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - no git (or no commit) is fine for a report
-        commit = "n/a"
+    commit = os.environ.get("DSV4_COMMIT")  # the device's copy of the tree has no git history
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except Exception:  # noqa: BLE001 - no git (or no commit) is fine for a report
+            commit = "n/a"
     return dict(
         date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         torch=torch.__version__, triton=triton.__version__, commit=commit or "n/a",
@@ -221,13 +228,29 @@ def main(argv: list[str] | None = None) -> int:
             got = [BenchRow(run.op, run.label(), None, note=f"error: {type(e).__name__}: {e}"[:200])]
         _print_rows(got)
         rows += got
-    report = header(_meta(argv), ceil) + markdown_table(rows, ceil) + "\n"
+    meta = _meta(argv)
+    report = header(meta, ceil) + markdown_table(rows, ceil) + "\n"
     print()
     print(report)
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
             f.write("\n" + report)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(json_report(meta, ceil, rows), f, indent=1)
+            f.write("\n")
     return 0
+
+
+def json_report(meta: dict, ceil, rows: list) -> dict:
+    """The run as JSON: commit, date, GPU, the measured ceilings and one object per row (None: not measured)."""
+    def number(value):
+        return None if value is None or value != value else round(value, 3)  # NaN: not measured
+
+    return {**meta, "gpu": ceil.device_name, "ceilings": {"copy_gbps": ceil.hbm_gbps, "bf16_tflops": ceil.bf16_tflops},
+            "rows": [{"op": r.op, "config": r.config, "us": number(r.us), "gbps": number(r.gbps()),
+                      "tflops": number(r.tflops()), "roofline": number(r.roofline(ceil)), "ref_us": number(r.ref_us),
+                      "note": r.note} for r in rows]}
 
 
 if __name__ == "__main__":

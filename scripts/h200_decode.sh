@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One H200 call for the GPU decode work: the decode benchmark, the GPU tests and the real-shape kernel
 # tests, each under its own time limit, logs and JSON under $OUT (or ./runs/h200 off the device tool).
-#   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [e2e] [tokenizer] [profile] [locust]   (default: bench tests kernels)
-# Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, GPU_TESTS, TESTS_S, E2E_S, E2E_ARGS, PROFILE_ARGS tune
+#   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [kbench] [ksweep] [ncu] [e2e] [tokenizer] [profile] [locust]
+#   (default: bench tests kernels)
+# Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, GPU_TESTS, TESTS_S, E2E_S, E2E_ARGS, PROFILE_ARGS,
+# KBENCH_ARGS, NCU_ARGS tune
 # the phases (E2E_PY: the e2e phase's interpreter); DSV4_COMMIT names the commit in the results (the device copy has no git history).
 # Needs .gpu (../shared/tools/gpu-bundle.sh) carried along; the locust phase also .gpu-locust (Locust's
 # wheels for the device's Python: scripts/gpu_locust_wheels.sh). The transformers wheel may travel apart,
@@ -42,6 +44,16 @@ for phase in $phases; do
       # the transformers half needs the device's own (numpy 2)
       timeout ${E2E_S:-540} ${E2E_PY:-$py} scripts/bench_e2e.py --model /tmp/flash-mini --json "$out/h200_e2e.json" ${E2E_ARGS:-} \
         2>>"$err" | tee "$out/e2e.md" ;;
+    kbench)
+      # every attention kernel at the shapes, ceilings in the same run (docs/bench/h200_kernels.json)
+      timeout ${KBENCH_S:-420} $py scripts/bench_kernels.py ${KBENCH_ARGS:-} --json "$out/kernels.json" \
+        2>>"$err" | tee "$out/kernels.md" | tail -80 ;;
+    ksweep)
+      timeout ${KSWEEP_S:-300} $py scripts/bench_kernels.py --sweep --models flash --batches 1,128 --contexts 8192,1048576 \
+        2>>"$err" | tee "$out/sweep.md" ;;
+    ncu)
+      # hardware counters per kernel (Firecracker machines): bandwidth, SM and tensor-pipe use, occupancy
+      timeout ${NCU_S:-420} $py scripts/ncu_kernels.py ${NCU_ARGS:-} --json "$out/ncu.json" 2>>"$err" | tee "$out/ncu.md" ;;
     tokenizer)
       timeout 120 python3 scripts/bench_tokenizer.py --json "$out/tokenizer.json" 2>>"$err" | tee "$out/tokenizer.md" ;;
     profile)

@@ -91,3 +91,20 @@ def test_sweeps_check_and_time_every_variant_at_tiny_shapes():
     assert len(rows) == 1 + len(dec_bench.SWEEP_SPLITS) and any("split keys/max=64/16" in r.config for r in rows)
     rows += idx_bench.sweep(_tiny(), 1, 256, "fp4", configs=[(16, 1)])
     assert all(r.us is not None and r.us > 0 for r in rows), [(r.config, r.note) for r in rows]
+
+
+def test_json_report_has_the_fields_the_docs_read():
+    import json
+
+    from dsv4.scripts.bench_kernels import json_report
+
+    ceil = Ceilings(hbm_gbps=4000.0, bf16_tflops=800.0, device_name="test GPU")
+    rows = [BenchRow("sparse_decode.csa", "V4-Flash B=128 ctx=8192", us=250.0, bytes=10**8, flops=10**10, ref_us=900.0),
+            skipped("indexer_topk.fp8", "V4-Pro B=128 ctx=1048576", "does not fit")]
+    meta = dict(date="2026-12-07 22:00", torch="t", triton="tr", commit="abc1234", command="python scripts/bench_kernels.py")
+    out = json.loads(json.dumps(json_report(meta, ceil, rows)))
+    assert (out["commit"], out["date"], out["gpu"]) == ("abc1234", "2026-12-07 22:00", "test GPU")
+    first, second = out["rows"]
+    assert first["op"] == "sparse_decode.csa" and first["config"] == "V4-Flash B=128 ctx=8192"
+    assert (first["us"], first["gbps"], first["tflops"]) == (250.0, 400.0, 40.0)
+    assert second["us"] is None and second["gbps"] is None and "does not fit" in second["note"]
