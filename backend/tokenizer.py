@@ -165,37 +165,57 @@ class IncrementalDetokenizer:
     Each delta is the new part of the cumulatively decoded text, and the concatenation of all deltas
     plus `flush()` equals `codec.decode(all_ids, skip_special_tokens)` exactly. Output is held back
     while the decoded tail ends in U+FFFD (an incomplete UTF-8 sequence that later tokens may complete);
-    the stream decodes only a small window of recent ids per step. One instance per request; not
-    thread-safe.
+    the stream decodes only a small window of recent ids per step. A decoder the stream cannot follow
+    (it raises when earlier text changes, e.g. a strip or cleanup step of a custom tokenizer) switches
+    that request to whole decodes. One instance per request; not thread-safe.
     """
 
     def __init__(self, codec: TextCodec, skip_special_tokens: bool = False) -> None:
         self._codec = codec
         self._skip_special_tokens = skip_special_tokens
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.token_ids: list[int] = []
+        self._emitted = 0  # characters given out so far
         # ids pushed since the last text came out: what `flush` still owes
         self.held_ids: list[int] = []
 
     def push(self, token_ids: int | Iterable[int]) -> str:
         """Add one or more generated ids; return the text that is now final (possibly "")."""
-        ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        self.token_ids.extend(ids)
         out = []
         for token_id in ids:
-            text = self._stream.step(self._codec.tokenizer, token_id)
+            text = None
+            if self._stream is not None:
+                try:
+                    text = self._stream.step(self._codec.tokenizer, token_id)
+                except Exception:  # noqa: BLE001 - the stream gave up on this decoder: whole decodes from here
+                    self._stream = None
+            if self._stream is None:
+                text = self._whole_delta(final=False)
             if text is None:
                 self.held_ids.append(token_id)
             else:
                 self.held_ids.clear()
+                self._emitted += len(text)
                 out.append(text)
         return "".join(out)
 
     def flush(self) -> str:
         """Emit whatever is held back (a trailing U+FFFD stays, as in the full decode).
 
-        The text emitted so far ends on a whole character, so the held ids decode alone to the
-        full decode's tail."""
+        The text emitted so far ends on a whole character, so with the stream the held ids decode
+        alone to the full decode's tail."""
         held, self.held_ids = self.held_ids, []
+        if self._stream is None:
+            return self._whole_delta(final=True) or ""
         return self._codec.decode(held, self._skip_special_tokens) if held else ""
+
+    def _whole_delta(self, final: bool) -> str | None:
+        text = self._codec.decode(self.token_ids, self._skip_special_tokens)
+        if not final and (len(text) <= self._emitted or text.endswith(REPLACEMENT_CHAR)):
+            return None
+        return text[self._emitted:]
 
 
 class StopResult(NamedTuple):

@@ -109,6 +109,7 @@ def bench_device() -> torch.device:
 
 
 ONCE_ENV = "DSV4_BENCH_ONCE"  # set: time_us runs fn once, untimed (a profiler such as ncu sees one launch)
+ONCE_RANGE = "dsv4_timed"  # the NVTX range around that call: what a profiler should look at (warm, not the checks)
 
 
 def time_us(fn: Callable[[], object], rep_ms: int = 60, graph: bool = False) -> float:
@@ -117,9 +118,14 @@ def time_us(fn: Callable[[], object], rep_ms: int = 60, graph: bool = False) -> 
     graph-captured decode step sees it); falls back to do_bench when fn cannot be captured.
     With DSV4_BENCH_ONCE set, fn runs once and the time is NaN (`scripts/ncu_kernels.py`)."""
     if os.environ.get(ONCE_ENV):
-        fn()
         if torch.cuda.is_available():
+            fn()  # the warm-up the timed runs would have had
             torch.cuda.synchronize()
+            with torch.cuda.nvtx.range(ONCE_RANGE):
+                fn()
+            torch.cuda.synchronize()
+        else:
+            fn()
         return float("nan")
     if not torch.cuda.is_available():
         import time

@@ -340,9 +340,9 @@ def engine_streams(args, model, codec, layout, time_left) -> dict:
         try:
             out[(streams, context, tokens)] = ours.engine_streams(
                 model, codec, streams, context, tokens, settings.prefill_chunk, settings.prefill_token_budget,
-                settings.prefill_max_prompts, prefill_gib)
-        except torch.cuda.OutOfMemoryError:
-            out[(streams, context, tokens)] = {"error": "out of memory"}
+                settings.prefill_max_prompts, prefill_gib, args.kv_format)
+        except Exception as exc:  # noqa: BLE001 - out of memory, a request error, a time-out: reported, the rest runs
+            out[(streams, context, tokens)] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
         finally:
             gc.collect()
             if model.device.type == "cuda":

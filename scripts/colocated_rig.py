@@ -27,9 +27,10 @@ class Rig:
     """Colocated engines on one model; each request's chunks are timed as they reach the sink."""
 
     def __init__(self, model, chunk: int, budget: int, max_prompts: int, rows: int, max_len: int, prefill_gib: float,
-                 codec: TextCodec | None = None):
+                 codec: TextCodec | None = None, kv_format: str | None = None):
         streams = stage_streams(model.device)
-        device, kv_format = str(model.device), ("fp8" if model.device.type == "cuda" else "float")
+        device = str(model.device)
+        kv_format = kv_format or ("fp8" if model.device.type == "cuda" else "float")  # dsv4-serve's default
         self.stage = PrefillStage(None, device, model.dtype, max_len, int(prefill_gib * (1 << 30)), kv_format=kv_format,
                                   max_prompts=max_prompts, model=model)
         cache = PagedCache.for_requests(model.cfg, model.dtype, device, rows, max_len, kv_format=kv_format)

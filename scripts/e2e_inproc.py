@@ -227,14 +227,14 @@ def longest_sequence(model: Transformer, target: int, budget_bytes: int, kv_form
 
 
 def engine_streams(model: Transformer, codec, streams: int, context: int, tokens: int, chunk: int, budget: int,
-                   max_prompts: int, prefill_gib: float, timeout_s: float = 600.0) -> dict:
+                   max_prompts: int, prefill_gib: float, kv_format: str | None = None, timeout_s: float = 600.0) -> dict:
     """`streams` prompts of `context` tokens sent at once to the served engines run in this process
     (`colocated_rig`: dsv4-serve's colocated prefill and decode, no Triton), each making `tokens`
     tokens; the figures of `e2e_served.concurrent_streams`, so the two compare like for like."""
     from dsv4.scripts.colocated_rig import Rig
     from dsv4.scripts.e2e_served import stream_rates
 
-    rig = Rig(model, chunk, budget, max_prompts, streams, context + tokens + 64, prefill_gib, codec)
+    rig = Rig(model, chunk, budget, max_prompts, streams, context + tokens + 64, prefill_gib, codec, kv_format)
     try:
         rids = list(range(streams))
         for rid in rids:

@@ -186,7 +186,10 @@ def device_defaults(args) -> None:
         args.kv_format = "fp8" if args.device == "cuda" else "float"
     if args.stage_layout == "auto":
         # prefill on GPUs of its own: its own process there (colocated would keep it on decode's GPU)
-        apart = args.prefill_gpus is not None and args.prefill_gpus.split(",") != [args.decode_gpus or "0"]
+        try:
+            apart = StageGpus.from_options(args.decode_gpus, args.prefill_gpus).disaggregated
+        except PlacementError:  # validate() names the option
+            apart = False
         args.stage_layout = "colocated" if args.device == "cuda" and not apart else "split"
     # a GPU prefill pass is launch-bound below a few thousand tokens; a CPU one is compute-bound
     args.prefill_chunk = args.prefill_chunk or (8192 if args.device == "cuda" else 512)

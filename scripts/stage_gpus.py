@@ -1,8 +1,9 @@
 """Which GPUs the served stages run on (`dsv4-serve --decode-gpus`, `--prefill-gpus`).
 
-Decode is one engine on one GPU. Prefill runs one Triton instance per listed GPU (several may feed
-the one decode instance; Triton sends each prompt to an idle one), in the split layout; the
-colocated layout runs prefill inside decode's process, so on decode's GPU only.
+Decode is one engine on one GPU. Prefill runs one Triton instance per listed GPU, in the split
+layout, all feeding the one decode instance; Triton's scheduler picks the instance for each prompt
+(prefill is decoupled, so every instance looks free to it: the choice does not follow the engines'
+load). The colocated layout runs prefill inside decode's process, so on decode's GPU only.
 
 Every stage is pinned (`gpus: [...]` in its instance group): an unpinned `KIND_GPU` group makes
 one instance per visible GPU, which on a multi-GPU host would start a decode engine on each.

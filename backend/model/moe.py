@@ -124,7 +124,7 @@ class MoE(nn.Module):
         return out + self.shared_experts(x)
 
     def grouped(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Same function as `forward`, on the device kernels and grouped GEMMs (no host sync)."""
+        """Same function as `loop`, on the device kernels and grouped GEMMs (no host sync)."""
         from dsv4.kernels.moe.kernel import moe_align, moe_combine, moe_route, swiglu
 
         if not self.stacked:

@@ -179,7 +179,8 @@ def e2m1_scaled_bits(code, sb):
 
     Exact, and no float arithmetic: an e2m1 value has at most two significant bits, so scaling it by a
     power of two only sets the exponent field (and the one mantissa bit). The only product below the
-    normal range, 0.5 * 2^-126, is the subnormal 2^-127."""
+    normal range, 0.5 * 2^-126, is the subnormal 2^-127. Products of 2^128 and more (scale bytes 253-254
+    with the largest codes, which the quantizer never writes for finite keys) are not representable."""
     mag = code & 7
     e = mag >> 1
     exp_field = tl.where(e > 0, sb + e - 1, sb - 1)  # e > 0: 2^(e-1) * (1 + m/2); e == 0: m/2

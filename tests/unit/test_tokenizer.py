@@ -145,6 +145,28 @@ def test_detokenizer_one_token_at_a_time(codec: TextCodec, text: str) -> None:
     assert REPLACEMENT_CHAR not in "".join(deltas)
 
 
+def test_detokenizer_falls_back_to_whole_decodes_when_the_stream_gives_up(codec: TextCodec) -> None:
+    """A decoder DecodeStream cannot follow makes `step` raise: that request goes on with whole
+    decodes, and its text is still the full decode."""
+
+    class GivesUp:
+        def __init__(self, real, after):
+            self.real, self.left = real, after
+
+        def step(self, tokenizer, token_id):
+            self.left -= 1
+            if self.left < 0:
+                raise Exception("InvalidPrefix")
+            return self.real.step(tokenizer, token_id)
+
+    ids = codec.encode(TEXTS["mixed"] * 3, add_bos=False)
+    for after in (0, 5, len(ids) // 2):
+        detok = IncrementalDetokenizer(codec)
+        detok._stream = GivesUp(detok._stream, after)
+        deltas = [detok.push(token_id) for token_id in ids] + [detok.flush()]
+        _assert_stream_matches(codec, ids, deltas)
+
+
 def test_detokenizer_holds_only_an_unfinished_character(codec: TextCodec) -> None:
     ids = codec.encode(TEXTS["mixed"] * 50, add_bos=False)
     detok = IncrementalDetokenizer(codec)
