@@ -43,7 +43,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dump-logits", metavar="PATH", help="save float32 logits at every prompt position as .npy [prompt_len, vocab]")
     from dsv4.backend.parallel.options import add_parallel_arguments
 
-    add_parallel_arguments(parser, "on this host, CPU only, gloo")
+    add_parallel_arguments(parser, "on this host: gloo on CPU, or one GPU per rank over NCCL with --device cuda")
     return parser.parse_args(argv)
 
 
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if parallel.enabled:
             parallel.check_device(args.device)
             parallel.check_model(cfg)
+            if args.device.startswith("cuda:"):
+                raise ValueError(f"--device {args.device} with --tensor-parallel/--expert-parallel: rank r runs on "
+                                 "GPU r; give --device cuda")
         codec = TextCodec.load(args.model)
         if args.input_ids is not None:
             prompt_ids = args.input_ids
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ValueError(f"--input-ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
         if parallel.enabled:
-            first = spawn_ranks(_generate_on_rank, parallel.world_size, args, prompt_ids, params, parallel)[0]
+            first = spawn_ranks(_generate_on_rank, parallel.world_size, args, prompt_ids, params, parallel,
+                                device="cuda" if args.device == "cuda" else "cpu")[0]
             if isinstance(first, str):
                 raise ValueError(first)
             out, elapsed = first

@@ -263,9 +263,11 @@ def _validate_parallel(args, cfg) -> None:
         if not parallel.enabled:
             return
         parallel.check_model(cfg)
-        parallel.check_device(args.device)
     except ParallelError as exc:
         raise LaunchError(str(exc)) from None
+    if args.device != "cpu":  # the stage's ranks would need GPUs placed beside its instance's; not wired up
+        raise LaunchError("dsv4-serve runs --tensor-parallel/--expert-parallel on CPU only for now "
+                          "(dsv4-generate --device cuda runs them one GPU per rank)")
     if args.stage_layout != "split":
         raise LaunchError("--tensor-parallel/--expert-parallel need --stage-layout split (each stage's ranks follow "
                           "that stage's engine; colocated stages would share one model between two engines)")

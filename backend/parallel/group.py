@@ -68,12 +68,14 @@ class ParallelConfig:
             raise ParallelError(f"--expert-parallel {ep}: the model's {cfg.num_experts} routed experts do not "
                                 f"spread evenly over {ep} ranks")
 
-    def check_device(self, device: torch.device | str) -> None:
-        # the shards run the kernel path too (tests/parallel, Triton interpreter), but one GPU per rank
-        # (device placement of the served ranks, NCCL in CUDA graphs) has not run on a multi-GPU machine
-        if self.enabled and torch.device(device).type != "cpu":
-            raise ParallelError(f"--tensor-parallel/--expert-parallel run on CPU only (gloo), not on {device}: "
-                                f"one GPU per rank over NCCL is not wired up yet")
+    def check_device(self, device: torch.device | str, visible_gpus: int | None = None) -> None:
+        """On cuda every rank takes one GPU (rank r: GPU r, NCCL): refused where there are fewer."""
+        if not self.enabled or torch.device(device).type == "cpu":
+            return
+        count = torch.cuda.device_count() if visible_gpus is None else visible_gpus
+        if count < self.world_size:
+            raise ParallelError(f"--tensor-parallel/--expert-parallel on {device} need one GPU per rank: "
+                                f"{self.world_size} ranks, {count} GPU(s) visible (on CPU only, gloo, they need none)")
 
 
 def turn_off_multicast() -> None:

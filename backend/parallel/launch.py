@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,9 +23,23 @@ def _rank_main(rank: int, fn: Callable, world_size: int, init_method: str, devic
     group = join_group(rank, world_size, init_method, device)
     try:
         result = fn(group, *args)
-        torch.save(result, Path(results_dir) / f"rank{rank}.pt")
+        torch.save(_on_cpu(result), Path(results_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _on_cpu(value: Any) -> Any:
+    """A rank's result with its tensors on the CPU: the parent process need not touch a GPU to read it."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _on_cpu(getattr(value, f.name)) for f in dataclasses.fields(value)
+                                             if f.init})
+    return value
 
 
 def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device: str = "cpu",

@@ -34,7 +34,7 @@ def test_parallel_command_equals_one_process(tiny_dir, tmp_path, capfd):
     (["--expert-parallel", "3"], "--expert-parallel 3: the model's 8 routed experts"),
     (["--tensor-parallel", "2", "--expert-parallel", "4"], "each must be 1 or equal to the other"),
     (["--tensor-parallel", "0"], "--tensor-parallel 0: must be a positive integer"),
-    (["--tensor-parallel", "2", "--device", "cuda"], "CPU only"),
+    (["--tensor-parallel", "2", "--device", "cuda:1"], "need one GPU per rank: 2 ranks"),
 ])
 def test_bad_combinations_are_refused(tiny_dir, capsys, options, message):
     assert main(["--model", str(tiny_dir), "--input-ids", PROMPT, *options]) == 2

@@ -91,5 +91,7 @@ def test_inconsistent_degrees_are_refused():
         ParallelConfig(2, 4)
     with pytest.raises(ParallelError, match="--expert-parallel 0"):
         ParallelConfig(1, 0)
-    with pytest.raises(ParallelError, match="CPU only"):
-        ParallelConfig(2, 2).check_device("cuda:0")
+    with pytest.raises(ParallelError, match="need one GPU per rank: 2 ranks, 1 GPU"):
+        ParallelConfig(2, 2).check_device("cuda", visible_gpus=1)
+    ParallelConfig(2, 2).check_device("cuda", visible_gpus=2)  # rank r takes GPU r
+    ParallelConfig(2, 2).check_device("cpu", visible_gpus=0)

@@ -119,3 +119,9 @@ def test_parallel_degrees_are_checked_before_the_server_starts(tiny_dir):
                         (["--tensor-parallel", "0"], "positive integer")):
         with pytest.raises(LaunchError, match=words):
             checked(*argv)
+    from dsv4.backend.config import load_config
+    from dsv4.scripts.serve import _validate_parallel
+
+    on_gpu = parse_args(["--model", str(tiny_dir), "--device", "cuda", "--tensor-parallel", "2", "--stage-layout", "split"])
+    with pytest.raises(LaunchError, match="CPU only for now"):  # checked past the GPU count: this host has none
+        _validate_parallel(on_gpu, load_config(tiny_dir))
