@@ -5,8 +5,9 @@ weights, without Triton, and profiles two situations with torch.profiler:
 
 - **a long prompt beside running streams**: `--streams` streams decode while one `--long`-token
   prompt is prefilled, once per `--chunks` value. Prints the streams' inter-token gaps quiet and
-  during the prefill, and from the trace (`trace_overlap.analyse`) whether the slow steps were
-  launched late (host, GIL), queued, or stretched on the GPU, with the prefill kernels beside them.
+  during the prefill, how late a thread asking for the GIL every 0.5 ms got it (`GilWatch`), and
+  from the trace (`trace_overlap.analyse`) whether the slow steps were launched late (host, GIL),
+  queued, or stretched on the GPU, with the prefill kernels beside them.
 - **a burst of short prompts**: `--burst` prompts of `--burst-tokens` arrive together, once alone
   and once beside `--busy-streams` decoding streams; prints their first-token times and how busy
   the GPU was with prefill in that span (busy well below the span: the passes are host-bound).
@@ -24,6 +25,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,10 +72,36 @@ def _profiled(fn, cpu_activity: bool):
     return result, path
 
 
+class GilWatch:
+    """A thread that asks for the GIL every `tick_s` and records how late it got it (ms, with the
+    time it woke): long lateness while prefill runs means Python held the GIL that long, and a
+    decode step launched in that window waited as long."""
+
+    def __init__(self, tick_s: float = 0.0005):
+        self.tick_s, self.late = tick_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gil-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            time.sleep(self.tick_s)
+            now = time.perf_counter()
+            self.late.append((now, (now - start - self.tick_s) * 1e3))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, lo: float, hi: float) -> dict:
+        return _pcts([ms for at, ms in self.late if lo <= at <= hi])
+
+
 def long_beside_streams(model, args, chunk: int) -> dict:
     max_len = args.long + 4096
     rig = Rig(model, chunk, 2 * chunk, 8, args.streams + 1, max_len, args.prefill_gib)
-    rids, trace = list(range(args.streams)), None
+    rids, trace, gil = list(range(args.streams)), None, GilWatch()
     try:
         for rid in rids:
             rig.submit(rid, args.stream_prompt)
@@ -92,8 +120,10 @@ def long_beside_streams(model, args, chunk: int) -> dict:
         out = {"chunk": chunk, "long_tokens": args.long, "long_ttft_s": first_token - rig.sent[1000],
                "quiet": _pcts(_gaps_ms(rig.times, rids, quiet_from, quiet_to)),
                "during": _pcts(_gaps_ms(rig.times, rids, rig.sent[1000], first_token)),
+               "gil_late_ms": {"quiet": gil.between(quiet_from, quiet_to), "during": gil.between(rig.sent[1000], first_token)},
                "trace": trace_overlap.analyse(trace)}
     finally:
+        gil.stop()
         rig.stop()
         _free(rig, trace)
     return out
