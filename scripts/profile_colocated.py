@@ -170,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--stream-prompt", type=int, default=1024, help="their prompt tokens (default 1024)")
     p.add_argument("--long", type=int, default=131072, help="the long prompt's tokens (default 131072; 0: skip)")
     p.add_argument("--chunks", default="8192,2048", help="prefill chunk sizes to try for the long prompt")
+    p.add_argument("--switch-intervals", default="0.005",
+                   help="Python's GIL switch intervals (s) to run the long prompt under, e.g. 0.005,0.0005 (default: "
+                        "Python's 0.005)")
     p.add_argument("--burst", type=int, default=8, help="short prompts arriving together (default 8; 0: skip)")
     p.add_argument("--burst-tokens", type=int, default=1024)
     p.add_argument("--busy-streams", type=int, default=32, help="streams decoding beside the burst (default 32)")
@@ -192,12 +195,16 @@ def main(argv=None) -> int:
     def show(name, value):
         print(f"## {name}\n{json.dumps(value, default=str)}", flush=True)
 
-    for chunk in ([int(c) for c in args.chunks.split(",")] if args.long else []):
+    settings = [(int(c), float(i)) for c in args.chunks.split(",") for i in args.switch_intervals.split(",")]
+    for chunk, interval in (settings if args.long else []):
         try:
-            report["long"].append(long_beside_streams(model, args, chunk))
-            show(f"long prompt beside {args.streams} streams, chunk {chunk}", report["long"][-1])
+            sys.setswitchinterval(interval)  # how long a thread may keep the GIL while another waits for it
+            report["long"].append({"switch_interval_s": interval, **long_beside_streams(model, args, chunk)})
+            show(f"long prompt beside {args.streams} streams, chunk {chunk}, GIL switch interval {interval * 1e3:g} ms",
+                 report["long"][-1])
         except Exception as exc:  # the other settings still run
             print(f"chunk {chunk} failed: {exc!r}", flush=True)
+    sys.setswitchinterval(0.005)  # Python's default for the bursts
     for beside in ((False, True) if args.burst else ()):
         try:
             report["burst"].append(burst(model, args, beside))
