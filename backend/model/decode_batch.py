@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..host_to_device import to_device
 from ..kv_cache.storage import BLOCK_POSITIONS, SequenceState
 
 TABLE_KINDS = ("csa_blocks", "csa_index_blocks", "hca_blocks")
@@ -99,7 +100,7 @@ class DecodeSlots:
                 raise ValueError(f"request holds {len(getattr(seq, kind))} {kind}, slots were sized for {self.tables.shape[2]}")
         for k, kind in enumerate(TABLE_KINDS):
             blocks = getattr(seq, kind)
-            self.tables[k, row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32).to(self.device)
+            self.tables[k, row, : len(blocks)] = to_device(blocks, torch.int32, self.device)
         self.tokens[row] = token
         self.positions[row] = seq.position
         self.ring_blocks[row] = seq.ring_block

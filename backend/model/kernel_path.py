@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..host_to_device import to_device
 from ..kv_cache.storage import KVStorage, SequenceState
 from .decode_batch import DecodeBatch
 
@@ -108,12 +109,12 @@ def prefill(attn, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage) -> t
     if attn.compressor is not None:
         c = attn.compressor
         comp = kv_store.comp[layer]
-        table = torch.tensor(kv_store.comp_blocks(seq, layer) or [0], dtype=torch.int32, device=device)
+        table = to_device(kv_store.comp_blocks(seq, layer) or [0], torch.int32, device)
         compressor_prefill(proj["comp_wkv"], proj["comp_wgate"], c.ape, c.norm.weight, attn.inv_freq, kv_store.acc[layer],
                            seq.state_block, start, comp.tensor, table, rate=c.rate, eps=c.eps, entry_format=comp.entry_format)
         if attn.indexer is not None:
             index, ic = kv_store.index[layer], attn.indexer.compressor
-            index_table = torch.tensor(seq.csa_index_blocks or [0], dtype=torch.int32, device=device)
+            index_table = to_device(seq.csa_index_blocks or [0], torch.int32, device)
             compressor_prefill(proj["index_wkv"], proj["index_wgate"], ic.ape, ic.norm.weight, attn.inv_freq,
                                kv_store.index_acc[layer], seq.state_block, start, index.tensor, index_table, rate=ic.rate,
                                eps=ic.eps, entry_format=index.entry_format, hadamard=index.rotation)

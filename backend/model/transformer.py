@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ROUTED_MOE, SWA, ModelConfig
+from ..host_to_device import to_device
 from ..kv_cache.storage import KVStorage, SequenceState
 from . import kernel_path, ops
 from .attention import Attention
@@ -167,7 +168,7 @@ class Transformer(nn.Module):
         for (_, seq), n in zip(chunks, lengths):
             seq.position += n
         if not all_logits:
-            last = torch.tensor(lengths, device=token_ids.device).cumsum(0) - 1
+            last = to_device(lengths, torch.long, token_ids.device).cumsum(0) - 1
             streams, flat = streams[last], flat[last] if flat is not None else None
         return self._logits(streams, flat, kernels)
 

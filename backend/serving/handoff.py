@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CSA, ModelConfig
+from ..host_to_device import to_device
 from ..kv_cache.storage import KVStorage, SequenceState
 
 FORMAT_VERSION = 1
@@ -78,7 +79,7 @@ def _read(storage: KVStorage, seq: SequenceState, what: str, layer: int, positio
     if what in ("acc", "index_acc"):
         return pool[seq.state_block]
     pages = -(-(position // storage.cfg.compress_rate(layer)) // pool.entries)
-    table = torch.tensor(_table(storage, seq, what, layer)[:pages], dtype=torch.long, device=pool.tensor.device)
+    table = to_device(_table(storage, seq, what, layer)[:pages], torch.long, pool.tensor.device)
     return pool.tensor[table]
 
 
@@ -90,7 +91,7 @@ def _write(storage: KVStorage, seq: SequenceState, what: str, layer: int, value:
         pool[seq.state_block].copy_(value)
     else:
         pages = value.shape[0]
-        table = torch.tensor(_table(storage, seq, what, layer)[:pages], dtype=torch.long, device=pool.tensor.device)
+        table = to_device(_table(storage, seq, what, layer)[:pages], torch.long, pool.tensor.device)
         pool.tensor[table] = value
 
 
