@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..host_to_device import to_device
+from dsv4.kernels.host_copy import to_device
+
 from ..kv_cache.storage import BLOCK_POSITIONS, SequenceState
 
 TABLE_KINDS = ("csa_blocks", "csa_index_blocks", "hca_blocks")

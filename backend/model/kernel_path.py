@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..host_to_device import to_device
+from dsv4.kernels.host_copy import to_device
+
 from ..kv_cache.storage import KVStorage, SequenceState
 from .decode_batch import DecodeBatch
 

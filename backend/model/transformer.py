@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.kernels.host_copy import to_device
+
 from ..config import ROUTED_MOE, SWA, ModelConfig
-from ..host_to_device import to_device
 from ..kv_cache.storage import KVStorage, SequenceState
 from . import kernel_path, ops
 from .attention import Attention

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4.kernels.host_copy import to_device
+
 from ..config import CSA, ModelConfig
-from ..host_to_device import to_device
 from ..kv_cache.storage import KVStorage, SequenceState
 
 FORMAT_VERSION = 1

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..common import check_contiguous, check_dtype, next_pow2
+from ..host_copy import to_device
 from ..kv_format.kernel import bf16_rne, quantize_index_store, quantize_main_store
 from ..kv_format.layout import IndexLayout, MainLayout
 
@@ -311,7 +312,7 @@ def compressor_prefill(
     num_acc = 2 if a.shape[1] == 2 * norm_weight.shape[0] else 1
     cur, end = start_pos // rate, (start_pos + t_len) // rate
     dev = a.device
-    as_t = lambda v, dt=torch.int64: torch.tensor([v], dtype=dt, device=dev)  # noqa: E731
+    as_t = lambda v, dt=torch.int64: to_device([v], dt, dev)  # noqa: E731 - queued, not a wait for the stream
     _launch(a, z, position_bias, norm_weight, rope_inv_freq, state, as_t(state_block, torch.int32), as_t(start_pos),
             as_t(0), as_t(t_len), pool, block_table, 0, rate, eps, entry_format, hadamard,
             num_mid=max(0, end - cur - num_acc))

@@ -324,7 +324,7 @@ TestManagerMachine.settings = settings(max_examples=200, stateful_step_count=40,
 def test_to_device_keeps_values_and_dtype_on_the_cpu():
     import torch
 
-    from dsv4.backend.host_to_device import to_device
+    from dsv4.kernels.host_copy import to_device
 
     out = to_device([3, 1, 2**40], torch.int64, "cpu")
     assert out.tolist() == [3, 1, 2**40] and out.dtype == torch.int64

@@ -1,4 +1,6 @@
-"""Small host lists (block tables, positions) to device tensors without waiting for the device.
+"""Small host lists (block tables, positions, scalars) to device tensors without waiting for the device.
+
+Torch only (no Triton): the model and serving code import it on machines without Triton too.
 
 A copy from pageable host memory to a GPU first waits for everything already queued on the stream
 (CUDA's rule for pageable transfers), so one `torch.tensor(list, device="cuda")` in a loop that runs

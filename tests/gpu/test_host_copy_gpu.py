@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from dsv4.backend.host_to_device import to_device
+from dsv4.kernels.host_copy import to_device
 
 SLEEP_CYCLES = 200_000_000  # about 0.1 s of one SM spinning
 
