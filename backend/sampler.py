@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from dsv4.kernels.host_copy import to_device
+
 _MAX_SEED = 2**64
 
 
@@ -86,20 +88,20 @@ class SamplingRows(NamedTuple):
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int], min_tokens: list[int] | None,
               device: torch.device | str) -> SamplingRows:
-        """From host values (one H2D copy per column); `seeds` are resolved 64-bit seeds."""
+        """From host values (one queued H2D copy per column); `seeds` are resolved 64-bit seeds."""
         n = len(params)
         if len(seeds) != n or len(steps) != n or (min_tokens is not None and len(min_tokens) != n):
             raise ValueError(f"{n} params but {len(seeds)} seeds, {len(steps)} steps"
                              + ("" if min_tokens is None else f", {len(min_tokens)} min_tokens"))
-        f32, i64 = dict(dtype=torch.float32, device=device), dict(dtype=torch.int64, device=device)
+        f32, i64 = torch.float32, torch.int64
         return cls(
-            temperature=torch.tensor([float(p.temperature) for p in params], **f32),
-            top_k=torch.tensor([p.top_k for p in params], **i64),
-            top_p=torch.tensor([float(p.top_p) for p in params], **f32),
-            seed_lo=torch.tensor([s & 0xFFFFFFFF for s in seeds], **i64),
-            seed_hi=torch.tensor([(s >> 32) & 0xFFFFFFFF for s in seeds], **i64),
-            step=torch.tensor(steps, **i64),
-            min_tokens=torch.tensor(min_tokens or [0] * n, **i64),
+            temperature=to_device([float(p.temperature) for p in params], f32, device),
+            top_k=to_device([p.top_k for p in params], i64, device),
+            top_p=to_device([float(p.top_p) for p in params], f32, device),
+            seed_lo=to_device([s & 0xFFFFFFFF for s in seeds], i64, device),
+            seed_hi=to_device([(s >> 32) & 0xFFFFFFFF for s in seeds], i64, device),
+            step=to_device(steps, i64, device),
+            min_tokens=to_device(min_tokens or [0] * n, i64, device),
             filtered=any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
         )
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 
-def to_device(values: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def to_device(values: Sequence[int | float], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """`values` as a 1-D tensor of `dtype` on `device`; on a GPU, queued on the current stream."""
     host = torch.tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":
