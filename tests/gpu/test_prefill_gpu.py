@@ -37,3 +37,30 @@ def test_prefill_batch_matches_each_prompt_alone(gpu_models, record_property):
     step_alone = model.decode(tokens, [alone_cache.seqs[str(i)] for i in range(len(lengths))], alone_cache.storage)
     step_together = model.decode(tokens, seqs, together_cache.storage)
     assert _rel(step_together, step_alone) < 2e-2
+
+
+def test_a_prefill_pass_and_a_handoff_never_wait_for_the_gpu(gpu_models):
+    """A pass over several prompts (a continued chunk among them), the export of a finished prompt,
+    its import into decode's pool and its row in decode's slots queue all their work on the stream:
+    no host synchronisation (which would let the GPU run dry while the host launches the next layer)."""
+    from dsv4.backend.model.decode_batch import DecodeSlots
+    from dsv4.backend.serving.handoff import export_state, import_state
+
+    model = gpu_models[torch.bfloat16]
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(1000, model.cfg.vocab_size - 1000, (n,), generator=g).cuda() for n in (700, 300, 1500)]
+    cache = PagedCache.for_requests(model.cfg, model.dtype, "cuda", 4, 4096, kv_format="fp8")
+    seqs = [cache.admit(str(i), 4096) for i in range(3)]
+    model.prefill_batch([(prompts[0][:256], seqs[0])], cache.storage)  # warm; prompt 0 continues below
+    slots = DecodeSlots(4, 4096, "cuda")
+    target = cache.admit("decode", 4096)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.prefill_batch([(prompts[0][256:], seqs[0]), (prompts[1], seqs[1]), (prompts[2], seqs[2])], cache.storage)
+        header, payload = export_state(cache.storage, seqs[1])
+        import_state(cache.storage, target, header, payload)
+        slots.add(target, 5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
