@@ -72,6 +72,11 @@ def _table(storage: KVStorage, seq: SequenceState, what: str, layer: int) -> lis
     return seq.csa_index_blocks if what == "index" else storage.comp_blocks(seq, layer)
 
 
+def _pages(storage: KVStorage, what: str, layer: int, position: int) -> int:
+    """Pages of a compressed kind holding a request's entries at `position`."""
+    return -(-(position // storage.cfg.compress_rate(layer)) // _pool(storage, what, layer).entries)
+
+
 def _read(storage: KVStorage, seq: SequenceState, what: str, layer: int, position: int) -> torch.Tensor:
     """The raw pages (float or packed) or accumulators holding one item of the request's state."""
     pool = _pool(storage, what, layer)
@@ -79,9 +84,19 @@ def _read(storage: KVStorage, seq: SequenceState, what: str, layer: int, positio
         return pool.tensor[seq.ring_block]
     if what in ("acc", "index_acc"):
         return pool[seq.state_block]
-    pages = -(-(position // storage.cfg.compress_rate(layer)) // pool.entries)
-    table = to_device(_table(storage, seq, what, layer)[:pages], torch.long, pool.tensor.device)
+    table = to_device(_table(storage, seq, what, layer)[:_pages(storage, what, layer, position)], torch.long,
+                      pool.tensor.device)
     return pool.tensor[table]
+
+
+def _shape(storage: KVStorage, seq: SequenceState, what: str, layer: int,
+           position: int) -> tuple[torch.Size, torch.dtype]:
+    """What `_read` would return, without reading it (an import must not gather the pages it overwrites)."""
+    pool = _pool(storage, what, layer)
+    if what in ("ring", "acc", "index_acc"):
+        like = _read(storage, seq, what, layer, position)  # a view: nothing is copied
+        return like.shape, like.dtype
+    return torch.Size((_pages(storage, what, layer, position), *pool.tensor.shape[1:])), pool.tensor.dtype
 
 
 def _write(storage: KVStorage, seq: SequenceState, what: str, layer: int, value: torch.Tensor) -> None:
@@ -122,11 +137,11 @@ def import_state(storage: KVStorage, seq: SequenceState, header: StateHeader, pa
     payload = payload.to(storage.device).view(torch.uint8).view(-1)
     offset = 0
     for what, layer in _plan(cfg):
-        like = _read(storage, seq, what, layer, header.position)
-        size = like.numel() * like.element_size()
+        shape, dtype = _shape(storage, seq, what, layer, header.position)
+        size = shape.numel() * dtype.itemsize
         if offset + size > payload.numel():
             raise HandoffError("kv_state is shorter than its layout needs")
-        value = payload[offset:offset + size].view(like.dtype).view(like.shape)
+        value = payload[offset:offset + size].view(dtype).view(shape)
         _write(storage, seq, what, layer, value)
         offset += size
     if offset != payload.numel():

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def test_imported_state_continues_exactly(hf_a, kv_format):
 
 def test_mismatched_state_is_refused(hf_a):
     model = load_model(hf_a[1], progress=False)
-    cache = PagedCache.for_requests(model.cfg, model.dtype, "cpu", 2, 512)
+    cache = PagedCache.for_requests(model.cfg, model.dtype, "cpu", 4, 512)
     seq = cache.admit("r", 512)
     prefill_prompt(model, cache.storage, seq, PROMPT[:100])
     header, payload = export_state(cache.storage, seq)
@@ -50,3 +52,9 @@ def test_mismatched_state_is_refused(hf_a):
         import_state(cache.storage, cache.admit("y", 512), header, payload[:-8])
     with pytest.raises(HandoffError, match="fields"):
         StateHeader.from_tensor(torch.zeros(3, dtype=torch.int64))
+    # a header that agrees with a payload of the wrong size: the layout itself finds it
+    for cut, words in ((payload[:-8], "shorter than its layout needs"),
+                       (torch.cat([payload, payload[:8]]), "8 bytes more than its layout needs")):
+        lying = dataclasses.replace(header, payload_bytes=cut.numel())
+        with pytest.raises(HandoffError, match=words):
+            import_state(cache.storage, cache.admit(f"z{cut.numel()}", 512), lying, cut)
