@@ -283,9 +283,7 @@ def print_served_table(args, served: dict, ttft_ms: dict, inproc_first_ms: float
         print(f"| ITL p99 of {e2e_served.ITL_STREAMS} running streams while a {args.itl_long:,}-token prompt "
               f"prefills, against before it (target <= 1.5x) | - | {_itl_triton(itl)} |")
     for r in streams:
-        if r["ttfts_ms"]:
-            print(f"\n{r['streams']} x {r['prompt_tokens']:,} tokens: first tokens at "
-                  + ", ".join(f"{t / 1e3:.2f}" for t in r["ttfts_ms"]) + " s")
+        _print_first_tokens(r, r["ttfts_ms"], "")
         if r.get("server"):
             print(_path_costs(r["server"]))
     if itl:
@@ -317,9 +315,14 @@ def print_engines_table(streams: list[dict]) -> None:
         print(f"| {r['streams']} x {r['prompt_tokens']:,} x {r['tokens']} | {engines} | {triton} | "
               f"{_fmt(r['ratio_engines'], '.2f')}x |")
     for r in streams:
-        if r["engines_ttfts_ms"]:
-            print(f"\n{r['streams']} x {r['prompt_tokens']:,} tokens in-process: first tokens at "
-                  + ", ".join(f"{t / 1e3:.2f}" for t in r["engines_ttfts_ms"]) + " s")
+        _print_first_tokens(r, r["engines_ttfts_ms"], " in-process")
+
+
+def _print_first_tokens(r: dict, ttfts_ms: list, where: str) -> None:
+    """Each stream's first-token time of one configuration (s), when it was measured."""
+    if ttfts_ms:
+        print(f"\n{r['streams']} x {r['prompt_tokens']:,} tokens{where}: first tokens at "
+              + ", ".join(f"{t / 1e3:.2f}" for t in ttfts_ms) + " s")
 
 
 def engine_streams(args, model, codec, layout, time_left) -> dict:

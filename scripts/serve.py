@@ -75,8 +75,7 @@ def handoff_bytes(model_dir: Path, max_model_len: int, element_size: int) -> int
 
 def template_values(args, model_dir: Path) -> dict[str, str]:
     cuda = args.device == "cuda"
-    colocated = args.stage_layout == "colocated"
-    gpus = StageGpus.from_options(args.decode_gpus, args.prefill_gpus)
+    colocated, gpus = args.stage_layout == "colocated", args.stage_gpus
     # colocated: decode's process holds both stages, so it gets the whole share and prefill's part
     # of it is a part of the KV budget; its torch threads serve both loops on a CPU
     decode_fraction = gpus.decode_fraction(args.gpu_memory_utilization, args.prefill_memory_share, colocated)
@@ -180,17 +179,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def device_defaults(args) -> None:
-    """Compute dtype and KV format left unset: bf16 + fp8 on cuda, fp32 + float pages on cpu."""
+    """Compute dtype and KV format left unset: bf16 + fp8 on cuda, fp32 + float pages on cpu; the
+    stages' GPUs (`args.stage_gpus`) from --decode-gpus / --prefill-gpus."""
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.kv_format == "auto":
         args.kv_format = "fp8" if args.device == "cuda" else "float"
+    try:
+        args.stage_gpus = StageGpus.from_options(args.decode_gpus, args.prefill_gpus)
+    except PlacementError as exc:
+        raise LaunchError(str(exc)) from None
     if args.stage_layout == "auto":
         # prefill on GPUs of its own: its own process there (colocated would keep it on decode's GPU)
-        try:
-            apart = StageGpus.from_options(args.decode_gpus, args.prefill_gpus).disaggregated
-        except PlacementError:  # validate() names the option
-            apart = False
-        args.stage_layout = "colocated" if args.device == "cuda" and not apart else "split"
+        args.stage_layout = "colocated" if args.device == "cuda" and not args.stage_gpus.disaggregated else "split"
     # a GPU prefill pass is launch-bound below a few thousand tokens; a CPU one is compute-bound
     args.prefill_chunk = args.prefill_chunk or (8192 if args.device == "cuda" else 512)
     # on a GPU the pools are measured (None); a CPU has no device share to measure
@@ -245,12 +245,12 @@ def validate(args) -> Path:
 
 
 def _validate_gpus(args) -> None:
-    try:
-        gpus = StageGpus.from_options(args.decode_gpus, args.prefill_gpus)
-        if args.device == "cuda":
-            import torch
+    if args.device != "cuda":
+        return
+    import torch
 
-            gpus.check(torch.cuda.device_count(), args.stage_layout == "colocated")
+    try:
+        args.stage_gpus.check(torch.cuda.device_count(), args.stage_layout == "colocated")
     except PlacementError as exc:
         raise LaunchError(str(exc)) from None
 
@@ -285,7 +285,7 @@ def launch(args, model_dir: Path, work: Path, bundle: TritonBundle | None = None
         host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         exit_timeout_s=args.exit_timeout, shm_bytes=max(16 << 20, 2 * handoff),
         cuda_pool_bytes=(args.cuda_memory_pool_byte_size or pool) if args.device == "cuda" else 0,
-        cuda_pool_gpus=StageGpus.from_options(args.decode_gpus, args.prefill_gpus).used,
+        cuda_pool_gpus=args.stage_gpus.used,
         api_key=None if loopback else args.api_key, extra_args=tuple(args.triton_arg),
     )
     models = COLOCATED_MODELS if args.stage_layout == "colocated" else SPLIT_MODELS
