@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import subprocess
 from collections.abc import Callable
 
 import torch
@@ -106,6 +107,19 @@ def markdown_table(rows: list[BenchRow], ceil: Ceilings) -> str:
 def bench_device() -> torch.device:
     """The GPU; the CPU (Triton interpreter) only for smoke runs of the benchmark code itself."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def commit_name() -> str:
+    """The commit a benchmark ran: $DSV4_COMMIT (the GPU machine's copy of the tree has no git
+    history), else git's short hash, else "n/a"."""
+    commit = os.environ.get("DSV4_COMMIT")
+    if commit:
+        return commit
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "n/a"
+    return out.stdout.strip() or "n/a"
 
 
 ONCE_ENV = "DSV4_BENCH_ONCE"  # set: time_us runs fn once, untimed (a profiler such as ncu sees one launch)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from dsv4.kernels.benchmarking import commit_name
 
 EPILOG = """examples:
   python scripts/bench_decode.py --preset flash-mini --batches 1,8,32,128 --contexts 8192
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = {"step_ms": None, "tokens_per_s": None, "rows_agree": None, "kernels_per_step": None}
             rows.append({"batch": batch, "context": context, **r})
             print(f"  batch {batch} context {context}: {r['step_ms']} ms", file=sys.stderr)
-    commit = os.environ.get("DSV4_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                          capture_output=True, text=True).stdout.strip()
+    commit = commit_name()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"command: python scripts/bench_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"date: {datetime.date.today()}, device: {gpu}, commit: {commit}, torch {torch.__version__}, model: {name}, "

@@ -23,13 +23,12 @@ import datetime
 import gc
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from dsv4.kernels.benchmarking import commit_name
 from dsv4.scripts import e2e_served
 
 EPILOG = """examples:
@@ -452,8 +451,7 @@ def main(argv: list[str] | None = None) -> int:
 
     floor_ms = weight_read_bytes(model) / (args.hbm_tbps * 1e12) * 1e3
     model_name = args.model.name
-    commit = os.environ.get("DSV4_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
-                                                          capture_output=True, text=True).stdout.strip()
+    commit = commit_name()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"command: python scripts/bench_e2e.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"date: {datetime.date.today()}, device: {name}, commit: {commit}, torch {torch.__version__}, "

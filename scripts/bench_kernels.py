@@ -11,9 +11,7 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import platform
-import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -182,16 +180,11 @@ def _meta(argv: list[str] | None) -> dict:
     import torch
     import triton
 
-    commit = os.environ.get("DSV4_COMMIT")  # the device's copy of the tree has no git history
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    check=True).stdout.strip()
-        except Exception:  # noqa: BLE001 - no git (or no commit) is fine for a report
-            commit = "n/a"
+    from dsv4.kernels.benchmarking import commit_name
+
     return dict(
         date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        torch=torch.__version__, triton=triton.__version__, commit=commit or "n/a",
+        torch=torch.__version__, triton=triton.__version__, commit=commit_name(),
         command="python scripts/bench_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         host=platform.node(),
     )
