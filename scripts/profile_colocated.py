@@ -129,10 +129,10 @@ def long_beside_streams(model, args, chunk: int) -> dict:
     return out
 
 
-def burst(model, args, beside: bool) -> dict:
+def burst(model, args, beside: bool, max_prompts: int) -> dict:
     rows = args.busy_streams + args.burst
-    rig = Rig(model, args.chunk, args.budget, args.max_prompts, rows, 4096 + args.burst_tokens, args.prefill_gib)
-    busy, trace = (list(range(args.busy_streams)) if beside else []), None
+    rig = Rig(model, args.chunk, args.budget, max_prompts, rows, 4096 + args.burst_tokens, args.prefill_gib)
+    busy, trace, gil = (list(range(args.busy_streams)) if beside else []), None, GilWatch()
     try:
         for rid in busy:
             rig.submit(rid, 1024)
@@ -148,14 +148,17 @@ def burst(model, args, beside: bool) -> dict:
         _, trace = _profiled(arrive_together, args.cpu_activity)
         ttfts = sorted(rig.times[r][0] - rig.sent[r] for r in burst_rids)
         lo, hi = min(rig.sent[r] for r in burst_rids), max(rig.times[r][0] for r in burst_rids)
-        out = {"beside_streams": len(busy), "prompts": args.burst, "prompt_tokens": args.burst_tokens,
+        out = {"beside_streams": len(busy), "prompts": args.burst, "prompt_tokens": args.burst_tokens, "max_prompts": max_prompts,
                "first_ttft_s": ttfts[0], "last_ttft_s": ttfts[-1],
                "passes": len(rig.colocated.prefill.step_sizes) - passes_before,
-               "prefill_gpu": trace_overlap.busy(trace), "streams_gap_during": _pcts(_gaps_ms(rig.times, busy, lo, hi))}
+               "pass_ms": _pcts([1e3 * s for s in list(rig.colocated.prefill.step_seconds)[passes_before:]]),
+               "prefill_gpu": trace_overlap.busy(trace), "streams_gap_during": _pcts(_gaps_ms(rig.times, busy, lo, hi)),
+               "gil_late_ms": gil.between(lo, hi)}
         if busy:
             out["trace"] = {k: v for k, v in trace_overlap.analyse(trace, worst=3).items()
                             if k in ("gap_ms", "launch_interval_ms", "span_ms", "worst_steps")}
     finally:
+        gil.stop()
         rig.stop()
         _free(rig, trace)
     return out
@@ -178,7 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--busy-streams", type=int, default=32, help="streams decoding beside the burst (default 32)")
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk for the burst (default 8192)")
     p.add_argument("--budget", type=int, default=16384, help="prefill token budget for the burst (default 16384)")
-    p.add_argument("--max-prompts", type=int, default=8, help="prompts per prefill pass for the burst (default 8)")
+    p.add_argument("--max-prompts", default="8", help="most prompts per prefill pass for the burst; a comma list runs "
+                   "the burst once per value (default 8, dsv4-serve's)")
     p.add_argument("--prefill-gib", type=float, default=20.0, help="prefill pool (default 20 GiB)")
     p.add_argument("--cpu-activity", action="store_true", help="profile host ops too (perturbs host-bound passes)")
     p.add_argument("--json", type=Path, default=None)
@@ -205,12 +209,14 @@ def main(argv=None) -> int:
         except Exception as exc:  # the other settings still run
             print(f"chunk {chunk} failed: {exc!r}", flush=True)
     sys.setswitchinterval(0.005)  # Python's default for the bursts
-    for beside in ((False, True) if args.burst else ()):
-        try:
-            report["burst"].append(burst(model, args, beside))
-            show(f"burst {'beside streams' if beside else 'alone'}", report["burst"][-1])
-        except Exception as exc:
-            print(f"burst (beside={beside}) failed: {exc!r}", flush=True)
+    for max_prompts in (int(m) for m in args.max_prompts.split(",")):
+        for beside in ((False, True) if args.burst else ()):
+            try:
+                report["burst"].append(burst(model, args, beside, max_prompts))
+                show(f"burst {'beside streams' if beside else 'alone'}, at most {max_prompts} prompts a pass",
+                     report["burst"][-1])
+            except Exception as exc:
+                print(f"burst (beside={beside}, max prompts {max_prompts}) failed: {exc!r}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1, default=str))

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv4.kernels.host_copy import to_device
-
 from ..kv_cache.storage import KVStorage, SequenceState
 from .decode_batch import DecodeBatch
+from .prefill_inputs import PrefillInputs
 
 
 def _key_format(pool) -> str | None:
@@ -85,37 +84,37 @@ def decode(attn, x: torch.Tensor, batch: DecodeBatch, kv_store: KVStorage) -> to
     return attn._grouped_output(o)
 
 
-def prefill(attn, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage) -> torch.Tensor:
+def prefill(attn, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage,
+            inputs: PrefillInputs | None = None) -> torch.Tensor:
+    """One prompt's chunk through the layer; `inputs` are the pass's (built here when not given)."""
     from dsv4.kernels.compressor.kernel import compressor_prefill
     from dsv4.kernels.indexer_topk.kernel import indexer_topk_prefill
     from dsv4.kernels.norm_rope.kernel import kv_norm_rope
     from dsv4.kernels.sparse_prefill.kernel import sparse_prefill
 
-    device, layer, cfg = x.device, attn.layer, attn.cfg
+    layer, cfg = attn.layer, attn.cfg
     window = cfg.window
-    start, count = seq.position, x.shape[0]
-    positions = torch.arange(start, start + count, device=device)
+    if inputs is None:
+        inputs = PrefillInputs.build(seq, x.shape[0], window, x.device)
+    start, positions = inputs.start, inputs.positions
     proj = _split_x(attn, x)
     q, _, iq = _queries(attn, proj, positions)
     kv = kv_norm_rope(proj["wkv"], positions, attn.inv_freq, attn.kv_norm.weight, cfg.rms_norm_eps)
     ring = kv_store.ring[layer]
-    history = min(start, window - 1)
-    hist_pos = torch.arange(start - history, start, device=device)
-    hist = ring.read(torch.full_like(hist_pos, seq.ring_block), hist_pos % window)
+    hist = ring.read(inputs.hist_blocks, inputs.hist_slots)
     raw = torch.cat([hist.to(kv.dtype), ring.round_trip(kv)]).contiguous()
-    tail = positions[-window:]
-    ring.write(torch.full_like(tail, seq.ring_block), tail % window, kv[-tail.shape[0]:])
+    ring.write(inputs.tail_blocks, inputs.tail_slots, kv[-inputs.tail_slots.shape[0]:])
     comp = table = picks = None
     rate = attn.rate or 1
     if attn.compressor is not None:
         c = attn.compressor
         comp = kv_store.comp[layer]
-        table = to_device(kv_store.comp_blocks(seq, layer) or [0], torch.int32, device)
+        table = inputs.comp_table(csa=attn.indexer is not None)
         compressor_prefill(proj["comp_wkv"], proj["comp_wgate"], c.ape, c.norm.weight, attn.inv_freq, kv_store.acc[layer],
                            seq.state_block, start, comp.tensor, table, rate=c.rate, eps=c.eps, entry_format=comp.entry_format)
         if attn.indexer is not None:
             index, ic = kv_store.index[layer], attn.indexer.compressor
-            index_table = to_device(seq.csa_index_blocks or [0], torch.int32, device)
+            index_table = inputs.csa_index_table
             compressor_prefill(proj["index_wkv"], proj["index_wgate"], ic.ape, ic.norm.weight, attn.inv_freq,
                                kv_store.index_acc[layer], seq.state_block, start, index.tensor, index_table, rate=ic.rate,
                                eps=ic.eps, entry_format=index.entry_format, hadamard=index.rotation)

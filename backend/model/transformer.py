@@ -24,6 +24,7 @@ from ..kv_cache.storage import KVStorage, SequenceState
 from . import kernel_path, ops
 from .attention import Attention
 from .decode_batch import DecodeBatch
+from .prefill_inputs import PrefillInputs
 from .hyper import hc_collapse, hc_expand, hc_head, hc_weights
 from .layers import Linear, RMSNormWeight, empty_param
 from .moe import MoE
@@ -155,15 +156,19 @@ class Transformer(nn.Module):
         if not chunks or any(t.shape[0] == 0 for t, _ in chunks):
             raise ValueError("prefill_batch needs at least one request and no empty chunk")
         kernels = kv_store.use_kernels
-        prefill_attn = kernel_path.prefill if kernels else Attention.prefill
         lengths = [t.shape[0] for t, _ in chunks]
         token_ids = chunks[0][0] if len(chunks) == 1 else torch.cat([t for t, _ in chunks])
+        if kernels:  # the pass's positions and tables, once per prompt for every layer
+            inputs = [PrefillInputs.build(seq, n, self.cfg.window, token_ids.device) for (_, seq), n in zip(chunks, lengths)]
+
+        def attend_one(a, x, i):
+            seq = chunks[i][1]
+            return kernel_path.prefill(a, x, seq, kv_store, inputs[i]) if kernels else Attention.prefill(a, x, seq, kv_store)
 
         def attend(a, x):
             if len(chunks) == 1:
-                return prefill_attn(a, x, chunks[0][1], kv_store)
-            parts = x.split(lengths)
-            return torch.cat([prefill_attn(a, part, seq, kv_store) for part, (_, seq) in zip(parts, chunks)])
+                return attend_one(a, x, 0)
+            return torch.cat([attend_one(a, part, i) for i, part in enumerate(x.split(lengths))])
 
         streams, flat = self._run_blocks(token_ids, attend, kernels)
         for (_, seq), n in zip(chunks, lengths):

@@ -75,6 +75,7 @@ class PrefillEngine:
         self.waiting: deque[Pending] = deque()  # not yet admitted to the cache, in arrival order
         self.running: list[Pending] = []  # admitted, in arrival order
         self.step_sizes: deque[tuple[int, int]] = deque(maxlen=10_000)  # (prompts, tokens) per step
+        self.step_seconds: deque[float] = deque(maxlen=10_000)  # each step's wall time, its results handed on
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dsv4-prefill-loop", daemon=True)
@@ -169,6 +170,7 @@ class PrefillEngine:
     def _step(self) -> None:
         plan = self.plan()
         tokens = sum(end - p.job.seq.position for p, end in plan)
+        started = time.perf_counter()
         try:
             finished = self.stage.step([(p.job, end) for p, end in plan])
         except Exception as exc:  # a failed pass must not leave prompts hanging or blocks held
@@ -184,6 +186,7 @@ class PrefillEngine:
             if result is not None:
                 self.running.remove(p)
                 self.sink(p.rid, result, None)
+        self.step_seconds.append(time.perf_counter() - started)
 
     def _end(self, p: Pending, result: PrefillResult | None, error: EngineError | None) -> None:
         if p.job is not None:
