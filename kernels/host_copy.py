@@ -17,8 +17,8 @@ import torch
 
 
 def to_device(values: Sequence[int | float], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """`values` as a 1-D tensor of `dtype` on `device`; on a GPU, queued on the current stream."""
-    host = torch.tensor(values, dtype=dtype)
+    """`values` (a list or a numpy array) as a tensor of `dtype` on `device`; on a GPU, queued on the current stream."""
+    host = torch.as_tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..kv_cache.storage import KVStorage, SequenceState
 from .decode_batch import DecodeBatch
-from .prefill_inputs import PrefillInputs
+from .prefill_inputs import PassInputs
 
 
 def _key_format(pool) -> str | None:
@@ -84,43 +84,55 @@ def decode(attn, x: torch.Tensor, batch: DecodeBatch, kv_store: KVStorage) -> to
     return attn._grouped_output(o)
 
 
-def prefill(attn, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage,
-            inputs: PrefillInputs | None = None) -> torch.Tensor:
-    """One prompt's chunk through the layer; `inputs` are the pass's (built here when not given)."""
-    from dsv4.kernels.compressor.kernel import compressor_prefill
+def prefill(attn, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage) -> torch.Tensor:
+    """One prompt's chunk through the layer (`prefill_pass` with one prompt)."""
+    inputs = PassInputs.build([seq], [x.shape[0]], attn.cfg.window, x.device)
+    return prefill_pass(attn, x, kv_store, inputs)
+
+
+def prefill_pass(attn, x: torch.Tensor, kv_store: KVStorage, inputs: PassInputs) -> torch.Tensor:
+    """Several prompts' chunks (x: their tokens end to end) through the layer: the token-wise work and
+    both compressors once for all of them, the indexer and the sparse attention per prompt."""
+    from dsv4.kernels.compressor.kernel import compressor_prefill_batch
     from dsv4.kernels.indexer_topk.kernel import indexer_topk_prefill
     from dsv4.kernels.norm_rope.kernel import kv_norm_rope
     from dsv4.kernels.sparse_prefill.kernel import sparse_prefill
 
     layer, cfg = attn.layer, attn.cfg
     window = cfg.window
-    if inputs is None:
-        inputs = PrefillInputs.build(seq, x.shape[0], window, x.device)
-    start, positions = inputs.start, inputs.positions
     proj = _split_x(attn, x)
-    q, _, iq = _queries(attn, proj, positions)
-    kv = kv_norm_rope(proj["wkv"], positions, attn.inv_freq, attn.kv_norm.weight, cfg.rms_norm_eps)
+    q, _, iq = _queries(attn, proj, inputs.positions)
+    kv = kv_norm_rope(proj["wkv"], inputs.positions, attn.inv_freq, attn.kv_norm.weight, cfg.rms_norm_eps)
     ring = kv_store.ring[layer]
-    hist = ring.read(inputs.hist_blocks, inputs.hist_slots)
-    raw = torch.cat([hist.to(kv.dtype), ring.round_trip(kv)]).contiguous()
-    ring.write(inputs.tail_blocks, inputs.tail_slots, kv[-inputs.tail_slots.shape[0]:])
-    comp = table = picks = None
+    # every prompt's window history, then the chunks' keys as stored: raw windows in prompt order
+    raw = torch.cat([ring.read(inputs.hist_blocks, inputs.hist_slots).to(kv.dtype), ring.round_trip(kv)])
+    raw = raw.contiguous() if inputs.raw_order is None else raw.index_select(0, inputs.raw_order)
+    ring.write(inputs.tail_blocks, inputs.tail_slots, kv.index_select(0, inputs.tail_rows))
+    comp = tables = index = None
     rate = attn.rate or 1
     if attn.compressor is not None:
         c = attn.compressor
         comp = kv_store.comp[layer]
-        table = inputs.comp_table(csa=attn.indexer is not None)
-        compressor_prefill(proj["comp_wkv"], proj["comp_wgate"], c.ape, c.norm.weight, attn.inv_freq, kv_store.acc[layer],
-                           seq.state_block, start, comp.tensor, table, rate=c.rate, eps=c.eps, entry_format=comp.entry_format)
+        tables = inputs.comp_table(csa=attn.indexer is not None)
+        compressor_prefill_batch(proj["comp_wkv"], proj["comp_wgate"], c.ape, c.norm.weight, attn.inv_freq,
+                                 kv_store.acc[layer], inputs.spans, comp.tensor, tables, rate=c.rate, eps=c.eps,
+                                 entry_format=comp.entry_format)
         if attn.indexer is not None:
             index, ic = kv_store.index[layer], attn.indexer.compressor
-            index_table = inputs.csa_index_table
-            compressor_prefill(proj["index_wkv"], proj["index_wgate"], ic.ape, ic.norm.weight, attn.inv_freq,
-                               kv_store.index_acc[layer], seq.state_block, start, index.tensor, index_table, rate=ic.rate,
-                               eps=ic.eps, entry_format=index.entry_format, hadamard=index.rotation)
-            picks = indexer_topk_prefill(_rotated(iq, index), proj["index_weights"], index.tensor, index_table, start,
-                                         attn.indexer.topk, rate=ic.rate, key_format=_key_format(index),
+            compressor_prefill_batch(proj["index_wkv"], proj["index_wgate"], ic.ape, ic.norm.weight, attn.inv_freq,
+                                     kv_store.index_acc[layer], inputs.spans, index.tensor, inputs.csa_index_table,
+                                     rate=ic.rate, eps=ic.eps, entry_format=index.entry_format, hadamard=index.rotation)
+            iq = _rotated(iq, index)
+    o = torch.empty_like(q)
+    for r, start in enumerate(inputs.starts):
+        lo, hi = inputs.bounds[r], inputs.bounds[r + 1]
+        picks = None
+        if index is not None:
+            ic = attn.indexer.compressor
+            picks = indexer_topk_prefill(iq[lo:hi], proj["index_weights"][lo:hi], index.tensor, inputs.csa_index_table[r],
+                                         start, attn.indexer.topk, rate=ic.rate, key_format=_key_format(index),
                                          w_scale=attn.indexer.heads**-0.5)
-    o = sparse_prefill(q, start, raw, window, comp.tensor if comp else None, table, picks, rate,
-                       attn.attn_sink, attn.scale, attn.inv_freq)
+        sparse_prefill(q[lo:hi], start, raw[inputs.raw_bounds[r]:inputs.raw_bounds[r + 1]], window,
+                       comp.tensor if comp else None, tables[r] if comp else None, picks, rate,
+                       attn.attn_sink, attn.scale, attn.inv_freq, out=o[lo:hi])
     return attn._grouped_output(o)

@@ -1,45 +1,81 @@
-"""One prompt's device inputs for a prefill pass on the kernel path, built once per pass.
+"""The device inputs of one prefill pass on the kernel path: several prompts' chunks laid end to end.
 
 Every layer of a pass reads the same positions, window rows and block tables (the tables never
-change while a request lives, and `seq.position` moves only after the pass), so they are made
-once per prompt before the first layer, not once per layer: a pass of R prompts through L layers
-makes R sets of them instead of R x L.
+change while a request lives, and `seq.position` moves only after the pass), so they are built
+once per pass, before the first layer, with one host-to-device copy per tensor. The layers then
+run the token-wise attention work (projections, norms, RoPE, window reads and writes, both
+compressors) once over all the pass's tokens; only the indexer and the sparse attention run per
+prompt.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from dsv4.kernels.compressor.kernel import PrefillSpans
 from dsv4.kernels.host_copy import to_device
 
 from ..kv_cache.storage import SequenceState
 
 
-class PrefillInputs(NamedTuple):
-    start: int  # the chunk's first position (seq.position before the pass)
-    positions: torch.Tensor  # [n] int64: start .. start + n - 1
-    hist_blocks: torch.Tensor  # [h] ring block of each window row before the chunk (h = min(start, window - 1))
-    hist_slots: torch.Tensor  # [h] their ring slots
-    tail_blocks: torch.Tensor  # [t] ring block of the chunk's last `window` rows (t = min(n, window))
-    tail_slots: torch.Tensor  # [t] their ring slots
-    csa_table: torch.Tensor  # int32 block tables ([0] when the request has none of a kind)
+class PassInputs(NamedTuple):
+    starts: tuple[int, ...]  # each prompt's first position in this pass (seq.position before it)
+    bounds: tuple[int, ...]  # R + 1 offsets of the prompts' tokens in the pass
+    raw_bounds: tuple[int, ...]  # R + 1 offsets of the prompts' raw windows (history rows, then chunk rows)
+    positions: torch.Tensor  # [T] int64
+    hist_blocks: torch.Tensor  # [H] ring block of each window row read before the chunks (H may be 0)
+    hist_slots: torch.Tensor  # [H] its ring slot
+    raw_order: torch.Tensor | None  # [H + T] rows of cat(history, chunk keys) in raw-window order (None: identity)
+    tail_rows: torch.Tensor  # [U] rows of the chunk keys that stay in the ring (each prompt's last `window`)
+    tail_blocks: torch.Tensor  # [U]
+    tail_slots: torch.Tensor  # [U]
+    csa_table: torch.Tensor  # [R, W] int32 block tables, zero past a prompt's own blocks
     csa_index_table: torch.Tensor
     hca_table: torch.Tensor
+    spans: PrefillSpans  # the compressors' view of the same chunks
 
     @classmethod
-    def build(cls, seq: SequenceState, count: int, window: int, device: torch.device | str) -> PrefillInputs:
-        start = seq.position
-        positions = torch.arange(start, start + count, device=device)
-        hist = torch.arange(start - min(start, window - 1), start, device=device)
-        tail = positions[-window:]
-        return cls(start, positions, torch.full_like(hist, seq.ring_block), hist % window,
-                   torch.full_like(tail, seq.ring_block), tail % window,
-                   to_device(seq.csa_blocks or [0], torch.int32, device),
-                   to_device(seq.csa_index_blocks or [0], torch.int32, device),
-                   to_device(seq.hca_blocks or [0], torch.int32, device))
+    def build(cls, seqs: Sequence[SequenceState], lengths: Sequence[int], window: int,
+              device: torch.device | str) -> PassInputs:
+        starts = [s.position for s in seqs]
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        hists = [min(start, window - 1) for start in starts]
+        hist_pos = [np.arange(start - h, start) for start, h in zip(starts, hists)]
+        hist_total = sum(hists)
+        # raw window of prompt r: its history rows (at hist offset), then its chunk rows (after all histories)
+        hist_at = np.concatenate([[0], np.cumsum(hists)]).astype(np.int64)
+        order = np.concatenate([np.concatenate([np.arange(hist_at[r], hist_at[r + 1]), hist_total + np.arange(bounds[r], bounds[r + 1])])
+                                for r in range(len(seqs))])
+        raw_bounds = np.concatenate([[0], np.cumsum([h + n for h, n in zip(hists, lengths)])])
+        tails = [np.arange(max(bounds[r], bounds[r + 1] - window), bounds[r + 1]) for r in range(len(seqs))]
+        tail_pos = np.concatenate([t - bounds[r] + starts[r] for r, t in enumerate(tails)])
+        ring_of = lambda parts: np.concatenate([np.full(len(p), s.ring_block) for p, s in zip(parts, seqs)])  # noqa: E731
+        ints = lambda values: to_device(np.asarray(values, dtype=np.int64), torch.int64, device)  # noqa: E731
+        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)]) \
+            if len(seqs) > 1 else torch.arange(starts[0], starts[0] + lengths[0], device=device)
+        all_hist = np.concatenate(hist_pos) if hist_pos else np.zeros(0, np.int64)
+        return cls(
+            tuple(starts), tuple(int(b) for b in bounds), tuple(int(b) for b in raw_bounds), positions,
+            ints(ring_of(hist_pos)), ints(all_hist % window),
+            None if len(seqs) == 1 else ints(order),
+            ints(np.concatenate(tails)), ints(ring_of(tails)), ints(tail_pos % window),
+            _tables([s.csa_blocks for s in seqs], device), _tables([s.csa_index_blocks for s in seqs], device),
+            _tables([s.hca_blocks for s in seqs], device),
+            PrefillSpans.build(list(zip(starts, lengths)), [s.state_block for s in seqs], device))
 
     def comp_table(self, csa: bool) -> torch.Tensor:
-        """The compressed-entry table of a CSA (True) or HCA layer."""
+        """The compressed-entry tables of a CSA (True) or HCA layer."""
         return self.csa_table if csa else self.hca_table
+
+
+def _tables(blocks: list[list[int]], device) -> torch.Tensor:
+    """`[R, W]` int32, W >= 1, each row a request's blocks then zeros."""
+    width = max(1, *(len(b) for b in blocks))
+    table = np.zeros((len(blocks), width), dtype=np.int32)
+    for r, b in enumerate(blocks):
+        table[r, :len(b)] = b
+    return to_device(table, torch.int32, device)

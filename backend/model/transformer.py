@@ -24,7 +24,7 @@ from ..kv_cache.storage import KVStorage, SequenceState
 from . import kernel_path, ops
 from .attention import Attention
 from .decode_batch import DecodeBatch
-from .prefill_inputs import PrefillInputs
+from .prefill_inputs import PassInputs
 from .hyper import hc_collapse, hc_expand, hc_head, hc_weights
 from .layers import Linear, RMSNormWeight, empty_param
 from .moe import MoE
@@ -151,24 +151,26 @@ class Transformer(nn.Module):
     def prefill_batch(self, chunks: list[tuple[torch.Tensor, SequenceState]], kv_store: KVStorage,
                       all_logits: bool = False) -> torch.Tensor:
         """One chunk of each of several requests in one pass: the token-wise work (mHC, MoE, head) runs
-        over all their tokens at once, attention per request from its own position. Returns each
+        over all their tokens at once, attention per request from its own position (on the kernel path
+        only its indexer and sparse attention: the rest of the layer runs once for all). Returns each
         request's last logits [R, V] (or every position's, concatenated, when `all_logits`)."""
         if not chunks or any(t.shape[0] == 0 for t, _ in chunks):
             raise ValueError("prefill_batch needs at least one request and no empty chunk")
         kernels = kv_store.use_kernels
         lengths = [t.shape[0] for t, _ in chunks]
         token_ids = chunks[0][0] if len(chunks) == 1 else torch.cat([t for t, _ in chunks])
-        if kernels:  # the pass's positions and tables, once per prompt for every layer
-            inputs = [PrefillInputs.build(seq, n, self.cfg.window, token_ids.device) for (_, seq), n in zip(chunks, lengths)]
+        seqs = [seq for _, seq in chunks]
+        if kernels:  # the pass's positions, window rows and tables, once for every layer
+            inputs = PassInputs.build(seqs, lengths, self.cfg.window, token_ids.device)
 
-        def attend_one(a, x, i):
-            seq = chunks[i][1]
-            return kernel_path.prefill(a, x, seq, kv_store, inputs[i]) if kernels else Attention.prefill(a, x, seq, kv_store)
-
-        def attend(a, x):
-            if len(chunks) == 1:
-                return attend_one(a, x, 0)
-            return torch.cat([attend_one(a, part, i) for i, part in enumerate(x.split(lengths))])
+            def attend(a, x):
+                return kernel_path.prefill_pass(a, x, kv_store, inputs)
+        else:
+            def attend(a, x):
+                if len(seqs) == 1:
+                    return Attention.prefill(a, x, seqs[0], kv_store)
+                parts = x.split(lengths)
+                return torch.cat([Attention.prefill(a, part, seq, kv_store) for part, seq in zip(parts, seqs)])
 
         streams, flat = self._run_blocks(token_ids, attend, kernels)
         for (_, seq), n in zip(chunks, lengths):

@@ -1,6 +1,6 @@
 """Compressor: per-channel softmax pooling + RMSNorm + RoPE (+ Hadamard) + quantize + cache insert, one pass.
 
-One kernel serves decode (B requests, one token each) and prefill (one request, T tokens). For a
+One kernel serves decode (B requests, one token each) and prefill (R requests, a run of tokens each). For a
 request whose chunk covers positions p0 .. p0+T-1 let cur = p0 // rate and end = (p0+T) // rate:
 entries cur .. end-1 complete in this chunk and are emitted; the accumulators leave holding
 entries end (and end+1 with overlap). Program 0 of a request owns the state: it handles the entries
@@ -11,6 +11,9 @@ through the same (m, s, w) update the state uses, so a window never has to be ma
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -108,7 +111,8 @@ def emit_entry(s, w, j, rate, eps, norm_w_ptr, inv_freq_ptr, had_ptr, pool_ptr, 
                                  entries_per_page, D, ENTRY_FMT == 3)
 
 
-@triton.jit
+# a prefill pass's tables are as wide as its longest prompt: one compiled variant for every width
+@triton.jit(do_not_specialize=["bt_stride"])
 def compressor_kernel(
     a_ptr, z_ptr, bias_ptr, norm_w_ptr, inv_freq_ptr, had_ptr,
     state_ptr, state_block_ptr, pos0_ptr, tok_start_ptr, num_tok_ptr,
@@ -280,6 +284,67 @@ def compressor_decode(
             pool, block_table, block_table.stride(0), rate, eps, entry_format, hadamard, num_mid=0)
 
 
+class PrefillSpans(NamedTuple):
+    """Several requests' token runs laid end to end in one `[T, width_in]` batch (`compressor_prefill_batch`).
+    Built once per prefill pass: every compressor of every layer reads the same spans."""
+
+    host: tuple[tuple[int, int], ...]  # (first position, tokens) per request
+    state_blocks: torch.Tensor  # [R] int32
+    starts: torch.Tensor  # [R] int64 first positions
+    offsets: torch.Tensor  # [R] int64 first rows in the batch
+    counts: torch.Tensor  # [R] int64 tokens
+
+    @classmethod
+    def build(cls, spans: Sequence[tuple[int, int]], state_blocks: Sequence[int], device) -> PrefillSpans:
+        offsets = [0]
+        for _, n in spans[:-1]:
+            offsets.append(offsets[-1] + n)
+        columns = to_device([v for column in ([a for a, _ in spans], offsets, [n for _, n in spans]) for v in column],
+                            torch.int64, device).view(3, len(spans))
+        return cls(tuple((int(a), int(n)) for a, n in spans), to_device(list(state_blocks), torch.int32, device),
+                   columns[0], columns[1], columns[2])
+
+    def middle_entries(self, rate: int, num_acc: int) -> int:
+        """The most entries one request emits beyond the ones its state program handles."""
+        return max(max(0, (a + n) // rate - a // rate - num_acc) for a, n in self.host)
+
+
+def compressor_prefill_batch(
+    a: torch.Tensor,
+    z: torch.Tensor,
+    position_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    rope_inv_freq: torch.Tensor,
+    state: torch.Tensor,
+    spans: PrefillSpans,
+    pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    rate: int,
+    eps: float = 1e-6,
+    entry_format: str | None = None,
+    hadamard: torch.Tensor | None = None,
+) -> None:
+    """Consecutive tokens of several requests through the compressor in one launch, in place.
+
+    Each request's run (`spans`) emits every entry whose window completes in it and leaves its
+    accumulators for the rest, exactly as `compressor_prefill` on that run alone.
+    a, z: `[T, width_in]`, the runs end to end; block_tables: `[R, max_blocks]` int32, row r request r's;
+    everything else as in `compressor_decode`.
+    """
+    _check_tokens(a, z)
+    check_dtype("block_tables", block_tables, torch.int32)
+    r = len(spans.host)
+    assert block_tables.dim() == 2 and block_tables.shape[0] == r and block_tables.stride(1) == 1
+    assert a.shape[0] == sum(n for _, n in spans.host), "the spans must cover a's rows"
+    if a.shape[0] == 0:
+        return
+    num_acc = 2 if a.shape[1] == 2 * norm_weight.shape[0] else 1
+    _launch(a, z, position_bias, norm_weight, rope_inv_freq, state, spans.state_blocks, spans.starts, spans.offsets,
+            spans.counts, pool, block_tables, block_tables.stride(0), rate, eps, entry_format, hadamard,
+            num_mid=spans.middle_entries(rate, num_acc))
+
+
 def compressor_prefill(
     a: torch.Tensor,
     z: torch.Tensor,
@@ -306,16 +371,11 @@ def compressor_prefill(
     _check_tokens(a, z)
     check_dtype("block_table", block_table, torch.int32)
     assert block_table.dim() == 1 and block_table.is_contiguous()
-    t_len = a.shape[0]
-    if t_len == 0:
+    if a.shape[0] == 0:
         return
-    num_acc = 2 if a.shape[1] == 2 * norm_weight.shape[0] else 1
-    cur, end = start_pos // rate, (start_pos + t_len) // rate
-    dev = a.device
-    as_t = lambda v, dt=torch.int64: to_device([v], dt, dev)  # noqa: E731 - queued, not a wait for the stream
-    _launch(a, z, position_bias, norm_weight, rope_inv_freq, state, as_t(state_block, torch.int32), as_t(start_pos),
-            as_t(0), as_t(t_len), pool, block_table, 0, rate, eps, entry_format, hadamard,
-            num_mid=max(0, end - cur - num_acc))
+    spans = PrefillSpans.build([(start_pos, a.shape[0])], [state_block], a.device)
+    compressor_prefill_batch(a, z, position_bias, norm_weight, rope_inv_freq, state, spans, pool, block_table[None],
+                             rate=rate, eps=eps, entry_format=entry_format, hadamard=hadamard)
 
 
-__all__ = ["compressor_decode", "compressor_prefill"]
+__all__ = ["PrefillSpans", "compressor_decode", "compressor_prefill", "compressor_prefill_batch"]

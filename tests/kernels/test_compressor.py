@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from dsv4.kernels.compressor import compressor_decode, compressor_prefill
+from dsv4.kernels.compressor import PrefillSpans, compressor_decode, compressor_prefill, compressor_prefill_batch
 from dsv4.kernels.compressor import reference as cref
 from dsv4.kernels.kv_format import hadamard_matrix
 from dsv4.kernels.kv_format import reference as kv_ref
@@ -234,3 +234,40 @@ def test_compressor_prefill(kind_name, fmt, use_had):
         assert [j for j, _ in entries] == list(range(start // kind.rate, (start + t_len) // kind.rate))
         written = [(int(table[j // kind.entries]), j % kind.entries, y) for j, y in entries]
         check_pool(before, pool, fmt, kind.dim, written, what)
+
+
+@pytest.mark.parametrize("kind_name,fmt,use_had", [c for c in CASES if c[1] != "bf16"], ids=lambda v: str(v))
+def test_compressor_prefill_batch_equals_each_run_alone(kind_name, fmt, use_had):
+    """Every run of PREFILL_CHUNKS (and an empty-state start) in one launch: each request's entries and state equal
+    the reference on its run alone, through its own table and state block in one shared pool."""
+    kind, g, width, bias, norm_w, had = _case(kind_name, fmt, use_had, zlib.crc32(f"batch/{kind_name}/{fmt}".encode()))
+    inv = rope_inv_freq(ROPE)
+    num_acc = 2 if kind.overlap else 1
+    runs = [(s * 8, n * 8 + 1) if REAL_SHAPES else (s, n) for s, n in PREFILL_CHUNKS]
+    used = [-(-((s + n) // kind.rate) // kind.entries) + 1 for s, n in runs]
+    width_blocks = max(used) + 1
+    pool_pages = sum(used) + 3
+    tables = shuffled_block_table(used, width_blocks, pool_pages, g)
+    pool, entry_format = new_pool(kind, fmt, pool_pages, g)
+    state_blocks = [2 * r + 1 for r in range(len(runs))]  # every other block: the ones between must stay NaN
+    state_pool = torch.full((2 * len(runs) + 1, num_acc, 3, kind.dim), float("nan"))
+    for r, (start, _) in enumerate(runs):
+        state_pool[state_blocks[r]] = history_state(kind, start, bias, g)
+    a = torch.randn(sum(n for _, n in runs), width, generator=g)
+    z = torch.randn(a.shape, generator=g) * 2
+    before = pool.clone()
+    state_k = state_pool.clone().to(DEVICE)
+    spans = PrefillSpans.build(runs, state_blocks, DEVICE)
+    compressor_prefill_batch(a.to(DEVICE), z.to(DEVICE), bias.to(DEVICE), norm_w.to(DEVICE), inv, state_k, spans, pool,
+                             tables, rate=kind.rate, entry_format=entry_format, hadamard=had)
+    written, row = [], 0
+    for r, (start, t_len) in enumerate(runs):
+        state_r, _, entries = cref.compressor_prefill_ref(
+            a[row:row + t_len], z[row:row + t_len], bias, norm_w, inv.cpu(), state_pool[state_blocks[r]], start,
+            before.cpu(), tables[r].cpu(), kind.rate, entry_format=entry_format, hadamard=had.cpu() if had is not None else None)
+        what = f"batch {kind_name}/{fmt} run {r}: start={start} T={t_len}"
+        check_state(state_k[state_blocks[r]], state_r, what)
+        written += [(int(tables[r][j // kind.entries]), j % kind.entries, y) for j, y in entries]
+        row += t_len
+    assert torch.isnan(state_k[0::2]).all(), "the batch touched a state block of no request"
+    check_pool(before, pool, fmt, kind.dim, written, f"batch {kind_name}/{fmt}")

@@ -16,7 +16,7 @@ from dsv4.backend.serving.prefill_engine import PrefillEngine, PrefillSettings
 from dsv4.backend.serving.prefill_stage import PrefillStage
 from dsv4.backend.serving.request import RequestConfig
 
-from .oracle import CONFIG_A, build_hf, rel_err, save_hf
+from .oracle import CONFIG_A, CSA, HCA, build_hf, rel_err, save_hf
 
 MAX_LEN = 2048
 
@@ -52,10 +52,9 @@ def _decode_after(model, header, payload, steps: int = 3) -> torch.Tensor:
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
-def test_prefill_batch_equals_each_prompt_alone(model, kernels):
-    # the interpreter is slow: short prompts on the kernels, uneven lengths on both
-    lengths = [5, 2, 3] if kernels else [37, 5, 70]
+def test_prefill_batch_equals_each_prompt_alone(model):
+    # the reference path; the kernel path's pass is checked against it below
+    kernels, lengths = False, [37, 5, 70]
     prompts = [torch.tensor(_prompt(n, i)) for i, n in enumerate(lengths)]
 
     def cache_with(n):
@@ -78,6 +77,40 @@ def test_prefill_batch_equals_each_prompt_alone(model, kernels):
     a = model.decode(tokens, [alone_cache.seqs[str(i)] for i in range(3)], alone_cache.storage)
     b = model.decode(tokens, seqs, together_cache.storage)
     assert rel_err(b, a) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """CONFIG_A cut to one CSA and one HCA layer with fewer index heads: the interpreter runs it quickly."""
+    config = {**CONFIG_A, "num_hidden_layers": 2, "layer_types": [CSA, HCA], "mlp_layer_types": ["hash_moe", "moe"],
+              "index_n_heads": 8}
+    return load_model(save_hf(build_hf(config, seed=8), tmp_path_factory.mktemp("prefill-pass")), progress=False)
+
+
+def test_kernel_pass_over_continued_prompts_equals_the_reference(small_model):
+    """One kernel-path pass over chunks that continue earlier ones (window history shorter than, and as long
+    as, the window; a chunk longer than the window crossing an HCA entry; a fresh prompt) against the
+    reference path run prompt by prompt, and the pages it leaves (the next decode step)."""
+    model = small_model
+    firsts, rests = [3, 12, 0], [2, 9, 5]  # window 8, CSA rate 4, HCA rate 16
+    prompts = [torch.tensor(_prompt(a + b, 40 + i)) for i, (a, b) in enumerate(zip(firsts, rests))]
+
+    def run(kernels: bool):
+        cache = PagedCache.for_requests(model.cfg, model.dtype, "cpu", 3, 32)
+        cache.storage.use_kernels = kernels
+        seqs = [cache.admit(str(i), 32) for i in range(3)]
+        for p, s, a in zip(prompts, seqs, firsts):
+            if a:
+                model.prefill(p[:a], s, cache.storage)
+        chunks = [(p[a:], s) for p, s, a in zip(prompts, seqs, firsts)]
+        logits = model.prefill_batch(chunks, cache.storage) if kernels else \
+            torch.cat([model.prefill(t, s, cache.storage) for t, s in chunks])
+        return logits, model.decode(torch.tensor([1, 2, 3]), seqs, cache.storage)
+
+    (reference, reference_next), (kernels, kernels_next) = run(False), run(True)
+    assert torch.isfinite(kernels).all()
+    assert rel_err(kernels, reference) < 1e-4
+    assert rel_err(kernels_next, reference_next) < 1e-4
 
 
 def test_prefill_batch_refuses_an_empty_chunk(model):
