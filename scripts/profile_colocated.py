@@ -181,8 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--busy-streams", type=int, default=32, help="streams decoding beside the burst (default 32)")
     p.add_argument("--chunk", type=int, default=8192, help="prefill chunk for the burst (default 8192)")
     p.add_argument("--budget", type=int, default=16384, help="prefill token budget for the burst (default 16384)")
-    p.add_argument("--max-prompts", default="8", help="most prompts per prefill pass for the burst; a comma list runs "
-                   "the burst once per value (default 8, dsv4-serve's)")
+    p.add_argument("--max-prompts", default="32", help="most prompts per prefill pass for the burst; a comma list runs "
+                   "the burst once per value (default 32, dsv4-serve's)")
     p.add_argument("--prefill-gib", type=float, default=20.0, help="prefill pool (default 20 GiB)")
     p.add_argument("--cpu-activity", action="store_true", help="profile host ops too (perturbs host-bound passes)")
     p.add_argument("--json", type=Path, default=None)

@@ -148,7 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="most tokens of one prompt per prefill step (default 8192 on cuda, 512 on cpu)")
     p.add_argument("--prefill-token-budget", type=int, default=None,
                    help="most prompt tokens per prefill step over all prompts run together (default 2x the chunk)")
-    p.add_argument("--prefill-max-prompts", type=int, default=8, help="most prompts prefilled together in one step")
+    p.add_argument("--prefill-max-prompts", type=int, default=32,
+                   help="most prompts prefilled together in one step (default 32; the token budget bounds the step)")
     p.add_argument("--snapshot-interval", type=int, default=None,
                    help="prefix-cache resume points every N 256-token blocks, besides each prompt's last block "
                         "(default: every prefill chunk, at least every 4 blocks)")
