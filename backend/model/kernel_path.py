@@ -86,20 +86,20 @@ def decode(attn, x: torch.Tensor, batch: DecodeBatch, kv_store: KVStorage) -> to
 
 def prefill(attn, x: torch.Tensor, seq: SequenceState, kv_store: KVStorage) -> torch.Tensor:
     """One prompt's chunk through the layer (`prefill_pass` with one prompt)."""
-    inputs = PassInputs.build([seq], [x.shape[0]], attn.cfg.window, x.device)
+    rates = [r for r in (attn.rate, attn.indexer.compressor.rate if attn.indexer is not None else 0) if r]
+    inputs = PassInputs.build([seq], [x.shape[0]], attn.cfg.window, rates, x.device)
     return prefill_pass(attn, x, kv_store, inputs)
 
 
 def prefill_pass(attn, x: torch.Tensor, kv_store: KVStorage, inputs: PassInputs) -> torch.Tensor:
-    """Several prompts' chunks (x: their tokens end to end) through the layer: the token-wise work and
-    both compressors once for all of them, the indexer and the sparse attention per prompt."""
+    """Several prompts' chunks (x: their tokens end to end) through the layer, one launch of each
+    kernel for all of them."""
     from dsv4.kernels.compressor.kernel import compressor_prefill_batch
-    from dsv4.kernels.indexer_topk.kernel import indexer_topk_prefill
+    from dsv4.kernels.indexer_topk.kernel import indexer_topk_prefill_batch
     from dsv4.kernels.norm_rope.kernel import kv_norm_rope
-    from dsv4.kernels.sparse_prefill.kernel import sparse_prefill
+    from dsv4.kernels.sparse_prefill.kernel import sparse_prefill_batch
 
     layer, cfg = attn.layer, attn.cfg
-    window = cfg.window
     proj = _split_x(attn, x)
     q, _, iq = _queries(attn, proj, inputs.positions)
     kv = kv_norm_rope(proj["wkv"], inputs.positions, attn.inv_freq, attn.kv_norm.weight, cfg.rms_norm_eps)
@@ -108,12 +108,13 @@ def prefill_pass(attn, x: torch.Tensor, kv_store: KVStorage, inputs: PassInputs)
     raw = torch.cat([ring.read(inputs.hist_blocks, inputs.hist_slots).to(kv.dtype), ring.round_trip(kv)])
     raw = raw.contiguous() if inputs.raw_order is None else raw.index_select(0, inputs.raw_order)
     ring.write(inputs.tail_blocks, inputs.tail_slots, kv.index_select(0, inputs.tail_rows))
-    comp = tables = index = None
-    rate = attn.rate or 1
+    comp = tables = picks = num_comp = None
+    max_comp = 0
     if attn.compressor is not None:
         c = attn.compressor
         comp = kv_store.comp[layer]
         tables = inputs.comp_table(csa=attn.indexer is not None)
+        num_comp, max_comp = inputs.visible[c.rate]
         compressor_prefill_batch(proj["comp_wkv"], proj["comp_wgate"], c.ape, c.norm.weight, attn.inv_freq,
                                  kv_store.acc[layer], inputs.spans, comp.tensor, tables, rate=c.rate, eps=c.eps,
                                  entry_format=comp.entry_format)
@@ -122,17 +123,13 @@ def prefill_pass(attn, x: torch.Tensor, kv_store: KVStorage, inputs: PassInputs)
             compressor_prefill_batch(proj["index_wkv"], proj["index_wgate"], ic.ape, ic.norm.weight, attn.inv_freq,
                                      kv_store.index_acc[layer], inputs.spans, index.tensor, inputs.csa_index_table,
                                      rate=ic.rate, eps=ic.eps, entry_format=index.entry_format, hadamard=index.rotation)
-            iq = _rotated(iq, index)
-    o = torch.empty_like(q)
-    for r, start in enumerate(inputs.starts):
-        lo, hi = inputs.bounds[r], inputs.bounds[r + 1]
-        picks = None
-        if index is not None:
-            ic = attn.indexer.compressor
-            picks = indexer_topk_prefill(iq[lo:hi], proj["index_weights"][lo:hi], index.tensor, inputs.csa_index_table[r],
-                                         start, attn.indexer.topk, rate=ic.rate, key_format=_key_format(index),
-                                         w_scale=attn.indexer.heads**-0.5)
-        sparse_prefill(q[lo:hi], start, raw[inputs.raw_bounds[r]:inputs.raw_bounds[r + 1]], window,
-                       comp.tensor if comp else None, tables[r] if comp else None, picks, rate,
-                       attn.attn_sink, attn.scale, attn.inv_freq, out=o[lo:hi])
+            index_visible, index_max = inputs.visible[ic.rate]
+            picks = indexer_topk_prefill_batch(_rotated(iq, index), proj["index_weights"], index.tensor,
+                                               inputs.csa_index_table, inputs.requests, index_visible, index_max,
+                                               attn.indexer.topk, key_format=_key_format(index),
+                                               w_scale=attn.indexer.heads**-0.5)
+            max_comp = attn.indexer.topk
+    o = sparse_prefill_batch(q, inputs.positions, inputs.requests, raw, inputs.win_lo, inputs.win_base, cfg.window,
+                             comp.tensor if comp else None, tables, num_comp, picks, max_comp,
+                             attn.attn_sink, attn.scale, attn.inv_freq)
     return attn._grouped_output(o)

@@ -3,9 +3,8 @@
 Every layer of a pass reads the same positions, window rows and block tables (the tables never
 change while a request lives, and `seq.position` moves only after the pass), so they are built
 once per pass, before the first layer, with one host-to-device copy per tensor. The layers then
-run the token-wise attention work (projections, norms, RoPE, window reads and writes, both
-compressors) once over all the pass's tokens; only the indexer and the sparse attention run per
-prompt.
+run each attention kernel once over all the pass's tokens (projections, norms, RoPE, window reads
+and writes, both compressors, the indexer and the sparse attention), whatever the number of prompts.
 """
 
 from __future__ import annotations
@@ -37,9 +36,13 @@ class PassInputs(NamedTuple):
     csa_index_table: torch.Tensor
     hca_table: torch.Tensor
     spans: PrefillSpans  # the compressors' view of the same chunks
+    requests: torch.Tensor  # [T] int32: each token's prompt
+    win_lo: torch.Tensor  # [R] int64: each prompt's first raw-window position
+    win_base: torch.Tensor  # [R] int64: its row in the raw windows (raw_bounds[r])
+    visible: dict[int, tuple[torch.Tensor, int]]  # rate -> ([T] int32 entries each token sees, the most any sees)
 
     @classmethod
-    def build(cls, seqs: Sequence[SequenceState], lengths: Sequence[int], window: int,
+    def build(cls, seqs: Sequence[SequenceState], lengths: Sequence[int], window: int, rates: Sequence[int],
               device: torch.device | str) -> PassInputs:
         starts = [s.position for s in seqs]
         bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -65,7 +68,11 @@ class PassInputs(NamedTuple):
             ints(np.concatenate(tails)), ints(ring_of(tails)), ints(tail_pos % window),
             _tables([s.csa_blocks for s in seqs], device), _tables([s.csa_index_blocks for s in seqs], device),
             _tables([s.hca_blocks for s in seqs], device),
-            PrefillSpans.build(list(zip(starts, lengths)), [s.state_block for s in seqs], device))
+            PrefillSpans.build(list(zip(starts, lengths)), [s.state_block for s in seqs], device),
+            to_device(np.repeat(np.arange(len(seqs)), lengths), torch.int32, device),
+            ints([start - h for start, h in zip(starts, hists)]), ints(raw_bounds[:-1]),
+            {rate: (((positions + 1) // rate).to(torch.int32), max((a + n) // rate for a, n in zip(starts, lengths)))
+             for rate in rates})
 
     def comp_table(self, csa: bool) -> torch.Tensor:
         """The compressed-entry tables of a CSA (True) or HCA layer."""

@@ -152,7 +152,7 @@ class Transformer(nn.Module):
                       all_logits: bool = False) -> torch.Tensor:
         """One chunk of each of several requests in one pass: the token-wise work (mHC, MoE, head) runs
         over all their tokens at once, attention per request from its own position (on the kernel path
-        only its indexer and sparse attention: the rest of the layer runs once for all). Returns each
+        each attention kernel once for all of them). Returns each
         request's last logits [R, V] (or every position's, concatenated, when `all_logits`)."""
         if not chunks or any(t.shape[0] == 0 for t, _ in chunks):
             raise ValueError("prefill_batch needs at least one request and no empty chunk")
@@ -161,7 +161,7 @@ class Transformer(nn.Module):
         token_ids = chunks[0][0] if len(chunks) == 1 else torch.cat([t for t, _ in chunks])
         seqs = [seq for _, seq in chunks]
         if kernels:  # the pass's positions, window rows and tables, once for every layer
-            inputs = PassInputs.build(seqs, lengths, self.cfg.window, token_ids.device)
+            inputs = PassInputs.build(seqs, lengths, self.cfg.window, self.compress_rates, token_ids.device)
 
             def attend(a, x):
                 return kernel_path.prefill_pass(a, x, kv_store, inputs)

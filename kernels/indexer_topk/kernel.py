@@ -80,15 +80,21 @@ def radix_state(hist_ptr, need0, LEVELS: tl.constexpr):
     return prefix, need, live
 
 
-@triton.jit
+# a prefill pass's tables are as wide as its longest prompt: one compiled variant for every width
+@triton.jit(do_not_specialize=["bt_stride"])
 def indexer_score_kernel(
-    q_ptr, w_ptr, w_scale, keys_ptr, keys_f32_ptr, block_table_ptr, bt_stride, num_visible_ptr,
+    q_ptr, w_ptr, w_scale, keys_ptr, keys_f32_ptr, block_table_ptr, bt_stride, table_row_ptr, num_visible_ptr,
     scores_ptr, hist_ptr, stride_qb, stride_qh, stride_wb, scores_stride, entries_per_page, page_bytes,
     N_HEADS: tl.constexpr, C: tl.constexpr, KEY_FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HI: tl.constexpr,
-    DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_MAP: tl.constexpr,
 ):
-    """KEY_FMT: 0 float pool `[P, E, C]`, 1 FP8 pages, 2 FP4 pages."""
+    """KEY_FMT: 0 float pool `[P, E, C]`, 1 FP8 pages, 2 FP4 pages. ROW_MAP: query i_b reads table row
+    table_row[i_b] (queries of several prompts), else row i_b."""
     i_b = tl.program_id(0).to(tl.int64)
+    if ROW_MAP:
+        table = block_table_ptr + tl.load(table_row_ptr + i_b).to(tl.int64) * bt_stride
+    else:
+        table = block_table_ptr + i_b * bt_stride
     i_p = tl.program_id(1)
     n_prog = tl.num_programs(1)
     n = tl.load(num_visible_ptr + i_b)
@@ -103,7 +109,7 @@ def indexer_score_kernel(
     for tile in range(i_p, tl.cdiv(n, BLOCK_N), n_prog):
         i = tile * BLOCK_N + o_n
         m_i = i < n
-        page = tl.load(block_table_ptr + i_b * bt_stride + i // entries_per_page, mask=m_i, other=0).to(tl.int64)
+        page = tl.load(table + i // entries_per_page, mask=m_i, other=0).to(tl.int64)
         row = (i % entries_per_page).to(tl.int64)
         if KEY_FMT == 1:
             k, k_scale = load_index_fp8(keys_ptr, keys_f32_ptr, page * page_bytes, row, m_i, entries_per_page, C, DTYPE)
@@ -241,9 +247,10 @@ def indexer_topk(
     q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, block_table: torch.Tensor, bt_stride: int,
     num_visible: torch.Tensor, topk: int, max_visible: int, key_format: str | None,
     out: torch.Tensor | None = None, scores: torch.Tensor | None = None, launch: tuple[int, int] | None = None,
-    w_scale: float = 1.0,
+    w_scale: float = 1.0, table_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared launcher (arguments validated by the public wrappers). Returns (topk_idx, scores)."""
+    """Shared launcher (arguments validated by the public wrappers). Returns (topk_idx, scores).
+    `table_rows`: `[n_q]` int32, the block-table row of each query (default: row i for query i)."""
     n_q, n_heads, c = q.shape
     key_fmt, epp, page_bytes = _key_geometry(keys, c, key_format)
     if out is None:
@@ -266,10 +273,10 @@ def indexer_topk(
     score_progs = max(1, min(cdiv(cap, block_n), cdiv(2 * sms, n_q)))
     keys_f32 = keys.view(torch.float32) if key_fmt == 1 else keys
     indexer_score_kernel[(n_q, score_progs)](
-        q, w, w_scale, keys, keys_f32, block_table, bt_stride, num_visible,
-        scores, ws, q.stride(0), q.stride(1), w.stride(0), scores.stride(0), epp, page_bytes,
+        q, w, w_scale, keys, keys_f32, block_table, bt_stride, table_rows if table_rows is not None else num_visible,
+        num_visible, scores, ws, q.stride(0), q.stride(1), w.stride(0), scores.stride(0), epp, page_bytes,
         N_HEADS=n_heads, C=c, KEY_FMT=key_fmt, BLOCK_N=block_n, BLOCK_HI=max(16, next_pow2(n_heads)),
-        DTYPE=dtype, DOT_PRECISION="ieee" if dtype == tl.float32 else "tf32",
+        DTYPE=dtype, DOT_PRECISION="ieee" if dtype == tl.float32 else "tf32", ROW_MAP=table_rows is not None,
         num_warps=score_warps,
     )
     block = 1024 if on_gpu else 64
@@ -347,6 +354,61 @@ def indexer_topk_decode(
     return (idx, scores) if return_scores else idx
 
 
+def indexer_topk_prefill_batch(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    keys: torch.Tensor,
+    block_tables: torch.Tensor,
+    requests: torch.Tensor,
+    num_visible: torch.Tensor,
+    max_visible: int,
+    topk: int,
+    *,
+    key_format: str | None = None,
+    out: torch.Tensor | None = None,
+    query_chunk: int | None = None,
+    w_scale: float = 1.0,
+):
+    """Lightning-Indexer top-k for the prompt tokens of several requests (a prefill pass), one launch per
+    query chunk.
+
+    Args:
+        q: `[T, n_I, c_I]` float32/bfloat16 index queries; w: `[T, n_I]` head weights (times `w_scale`).
+        keys, key_format: as in `indexer_topk_decode`.
+        block_tables: `[R, max_blocks]` int32, row r request r's index-key blocks.
+        requests: `[T]` int32, each query's request.
+        num_visible: `[T]` int32, entries each query sees (floor((t + 1) / rate) for a query at t).
+        max_visible: the largest of them (bounds the score workspace).
+        topk: K.  out: optional `[T, K]` int32 output.
+        query_chunk: queries per launch (bounds the `[chunk, candidates]` float32 score workspace).
+
+    Returns:
+        `[T, K]` int32, per query the indices of its min(K, visible) best entries (any order), then -1.
+    """
+    _check_common(q, w, topk)
+    n_q = q.shape[0]
+    check_dtype("block_tables", block_tables, torch.int32)
+    check_dtype("requests", requests, torch.int32)
+    check_dtype("num_visible", num_visible, torch.int32)
+    assert block_tables.dim() == 2 and block_tables.stride(1) == 1
+    assert requests.shape == (n_q,) and num_visible.shape == (n_q,)
+    check_contiguous(requests=requests, num_visible=num_visible)
+    _, epp, _ = _key_geometry(keys, q.shape[2], key_format)
+    if out is None:
+        out = torch.empty(n_q, topk, dtype=torch.int32, device=q.device)
+    assert out.shape == (n_q, topk) and out.dtype == torch.int32 and out.is_contiguous()
+    max_visible = min(max_visible, block_tables.shape[1] * epp)
+    if query_chunk is None:
+        query_chunk = max(1, min(n_q, (256 << 20) // (4 * max(1, max_visible))))
+        if query_chunk >= 16:  # sub-chunks start 16-aligned: the per-query pointers keep one alignment
+            query_chunk -= query_chunk % 16
+    for s0 in range(0, n_q, query_chunk):
+        s1 = min(n_q, s0 + query_chunk)
+        indexer_topk(q[s0:s1], w[s0:s1], keys, block_tables, block_tables.stride(0), num_visible[s0:s1], topk,
+                     max_visible, key_format, out=out[s0:s1], w_scale=w_scale, table_rows=requests[s0:s1])
+    return out
+
+
 def indexer_topk_prefill(
     q: torch.Tensor,
     w: torch.Tensor,
@@ -361,7 +423,8 @@ def indexer_topk_prefill(
     query_chunk: int | None = None,
     w_scale: float = 1.0,
 ):
-    """Lightning-Indexer top-k for S consecutive query tokens of one request.
+    """Lightning-Indexer top-k for S consecutive query tokens of one request (`indexer_topk_prefill_batch`
+    with one request).
 
     Args:
         q: `[S, n_I, c_I]` float32/bfloat16, queries at positions start_pos .. start_pos + S - 1.
@@ -376,27 +439,14 @@ def indexer_topk_prefill(
     Returns:
         `[S, K]` int32, per query the indices of its min(K, visible) best entries (any order), then -1.
     """
-    _check_common(q, w, topk)
-    s_len = q.shape[0]
     check_dtype("block_table", block_table, torch.int32)
     assert block_table.dim() == 1 and block_table.is_contiguous()
-    _, epp, _ = _key_geometry(keys, q.shape[2], key_format)
-    if out is None:
-        out = torch.empty(s_len, topk, dtype=torch.int32, device=q.device)
-    assert out.shape == (s_len, topk) and out.dtype == torch.int32 and out.is_contiguous()
+    s_len = q.shape[0]
     pos = torch.arange(start_pos, start_pos + s_len, device=q.device, dtype=torch.int64)
     visible = ((pos + 1) // rate).to(torch.int32)
-    max_visible = (start_pos + s_len) // rate
-    if query_chunk is None:
-        query_chunk = max(1, min(s_len, (256 << 20) // (4 * max(1, max_visible))))
-        if query_chunk >= 16:  # sub-chunks start 16-aligned: the visible counts' pointer keeps one alignment
-            query_chunk -= query_chunk % 16
-    table = block_table[None, :]
-    for s0 in range(0, s_len, query_chunk):
-        s1 = min(s_len, s0 + query_chunk)
-        indexer_topk(q[s0:s1], w[s0:s1], keys, table, 0, visible[s0:s1], topk,
-                     min(max_visible, block_table.shape[0] * epp), key_format, out=out[s0:s1], w_scale=w_scale)
-    return out
+    requests = torch.zeros(s_len, dtype=torch.int32, device=q.device)
+    return indexer_topk_prefill_batch(q, w, keys, block_table[None], requests, visible, (start_pos + s_len) // rate,
+                                      topk, key_format=key_format, out=out, query_chunk=query_chunk, w_scale=w_scale)
 
 
-__all__ = ["indexer_topk_decode", "indexer_topk_prefill"]
+__all__ = ["indexer_topk_decode", "indexer_topk_prefill", "indexer_topk_prefill_batch"]

@@ -77,20 +77,26 @@ def finish_with_sink(m_i, l_i, acc, sink_ptr, o_h, m_h):
     return acc * (a / denom)[:, None]
 
 
-# the window's origin and rows follow the prompt's position: one compiled variant for all of them
-@triton.jit(do_not_specialize=["win_origin", "win_rows"])
+# the window's origin and rows follow the prompt's position, a prefill pass's tables are as wide as its
+# longest prompt: one compiled variant for all of them
+@triton.jit(do_not_specialize=["win_origin", "win_rows", "bt_stride"])
 def sparse_attn_fwd_kernel(
     q_ptr, o_ptr, acc_ws_ptr, ml_ws_ptr,
     pos_ptr, sink_ptr, inv_freq_ptr,
     win_ptr, win_bf16_ptr, win_page_ptr, win_origin, win_rows, window,
     comp_ptr, comp_bf16_ptr, block_table_ptr, bt_stride, num_comp_ptr, topk_ptr, topk_stride, num_topk, comp_rows,
+    req_ptr, win_lo_ptr, win_base_ptr,
     num_heads, qk_scale, min_split_keys, max_splits, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, SCALE_BYTES: tl.constexpr,
     WIN_FP8: tl.constexpr, COMP_FP8: tl.constexpr, HAS_COMP: tl.constexpr, HAS_TOPK: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
+    """VARLEN (prefill of several prompts): query i_b belongs to request req[i_b], whose raw window rows sit
+    in the flat `win` from row win_base[req] on, the first of them at position win_lo[req]; its compressed
+    entries go through row req of the block tables. Otherwise request i_b reads its ring page win_page[i_b]
+    (row (p - win_origin) % win_rows, positions >= max(win_origin, 0)) and table row i_b."""
     i_b = tl.program_id(0).to(tl.int64)
     i_hb = tl.program_id(1)
     i_s = tl.program_id(2)
@@ -99,6 +105,17 @@ def sparse_attn_fwd_kernel(
     o_d = tl.arange(0, D)
 
     t = tl.load(pos_ptr + i_b).to(tl.int64)
+    if VARLEN:
+        req = tl.load(req_ptr + i_b).to(tl.int64)
+        table_row = req
+        win_page = req * 0
+        win_lo = tl.load(win_lo_ptr + req)
+        win_base = tl.load(win_base_ptr + req)
+    else:
+        table_row = i_b
+        win_page = tl.load(win_page_ptr + i_b).to(tl.int64)
+        win_lo = tl.maximum(win_origin, 0)
+        win_base = win_lo - win_origin  # rows are (p - origin) % win_rows
     q = tl.load(q_ptr + i_b * stride_qb + o_h[:, None].to(tl.int64) * stride_qh + o_d[None, :], mask=m_h[:, None], other=0.0)
     q = q.to(DTYPE)
 
@@ -112,8 +129,8 @@ def sparse_attn_fwd_kernel(
     if i_s < n_split:
         sparse_attn_split(
             q, o_h, m_h, t, i_b, i_s, o_ptr, acc_ws_ptr, ml_ws_ptr, sink_ptr, inv_freq_ptr,
-            win_ptr, win_bf16_ptr, win_page_ptr, win_origin, win_rows, window,
-            comp_ptr, comp_bf16_ptr, block_table_ptr, bt_stride, topk_ptr, topk_stride, comp_rows,
+            win_ptr, win_bf16_ptr, win_page, win_lo, win_base, win_rows, window,
+            comp_ptr, comp_bf16_ptr, block_table_ptr + table_row * bt_stride, topk_ptr, topk_stride, comp_rows,
             n_visible, n_keys, keys_per_split, num_splits, num_heads, qk_scale, stride_ob, stride_oh,
             D, NOPE, ROPE, SCALE_BYTES, WIN_FP8, COMP_FP8, HAS_COMP, HAS_TOPK, SPLIT, BLOCK_H, BLOCK_N, DTYPE,
             DOT_PRECISION,
@@ -131,8 +148,8 @@ def split_plan(n_keys, min_split_keys, max_splits, BLOCK_N: tl.constexpr):
 @triton.jit
 def sparse_attn_split(
     q, o_h, m_h, t, i_b, i_s, o_ptr, acc_ws_ptr, ml_ws_ptr, sink_ptr, inv_freq_ptr,
-    win_ptr, win_bf16_ptr, win_page_ptr, win_origin, win_rows, window,
-    comp_ptr, comp_bf16_ptr, block_table_ptr, bt_stride, topk_ptr, topk_stride, comp_rows,
+    win_ptr, win_bf16_ptr, win_page, win_lo, win_base, win_rows, window,
+    comp_ptr, comp_bf16_ptr, table_ptr, topk_ptr, topk_stride, comp_rows,
     n_visible, n_keys, keys_per_split, num_splits, num_heads, qk_scale, stride_ob, stride_oh,
     D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, SCALE_BYTES: tl.constexpr,
     WIN_FP8: tl.constexpr, COMP_FP8: tl.constexpr, HAS_COMP: tl.constexpr, HAS_TOPK: tl.constexpr,
@@ -149,17 +166,17 @@ def sparse_attn_split(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
 
-    # window keys: virtual j in [0, window) is position t - window + 1 + j; visible if >= max(0, origin)
+    # window keys: virtual j in [0, window) is position t - window + 1 + j; visible if >= win_lo, whose
+    # row is win_base (rows wrap at win_rows: a ring)
     first_pos = t - window + 1
-    lo_pos = tl.maximum(win_origin, 0)
+    lo_pos = win_lo
     j_lo = tl.maximum(j0, ((lo_pos - first_pos) // BLOCK_N) * BLOCK_N)  # skip blocks wholly before lo_pos
     j_hi = tl.minimum(j1, window)
-    win_page = tl.load(win_page_ptr + i_b).to(tl.int64)
     for start in range(j_lo, j_hi, BLOCK_N):
         j = start + o_n
         p = first_pos + j
         valid = (j < j_hi) & (p >= lo_pos)
-        row = (p - win_origin) % win_rows
+        row = (win_base + p - lo_pos) % win_rows
         row = tl.where(valid, row, 0)
         k = load_kv_tile(win_ptr, win_bf16_ptr, win_page, row, valid, win_rows, WIN_FP8, D, NOPE, ROPE, SCALE_BYTES, DTYPE)
         m_i, l_i, acc = attend_block(q, k, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
@@ -176,7 +193,7 @@ def sparse_attn_split(
                 idx = c
             valid = m_c & (idx >= 0) & (idx < n_visible)
             idx = tl.where(valid, idx, 0).to(tl.int64)
-            page = tl.load(block_table_ptr + i_b * bt_stride + idx // comp_rows, mask=valid, other=0).to(tl.int64)
+            page = tl.load(table_ptr + idx // comp_rows, mask=valid, other=0).to(tl.int64)
             k = load_kv_tile(comp_ptr, comp_bf16_ptr, page, idx % comp_rows, valid, comp_rows,
                              COMP_FP8, D, NOPE, ROPE, SCALE_BYTES, DTYPE)
             m_i, l_i, acc = attend_block(q, k, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
@@ -272,8 +289,11 @@ def sparse_attention(
     comp: torch.Tensor | None, block_table: torch.Tensor | None, bt_stride: int, num_comp: torch.Tensor | None,
     topk_idx: torch.Tensor | None, max_comp_keys: int, out: torch.Tensor | None, max_splits: int,
     launch: tuple[int, int, int, int] | None = None, min_split_keys: int = DECODE_SPLIT_KEYS,
+    varlen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Shared launcher of `sparse_decode` and `sparse_prefill` (arguments already validated by them)."""
+    """Shared launcher of `sparse_decode` and `sparse_prefill_batch` (arguments already validated by them).
+    `varlen`: (request of each query `[n_q]` int32, first window position `[R]` int64, its row in `win` `[R]`
+    int64) for queries of several prompts over one flat window tensor (the kernel's VARLEN)."""
     n_q, num_heads, d = q.shape
     rope_dim = 2 * rope_inv_freq.shape[0]
     lay = MainLayout(d, rope_dim)
@@ -301,6 +321,7 @@ def sparse_attention(
         acc_ws = ml_ws = out  # unused
     dtype = dot_dtype(q.dtype)
     dummy = win_page
+    req, win_lo, win_base = varlen if varlen is not None else (dummy, dummy, dummy)
     num_topk = topk_idx.shape[1] if topk_idx is not None else 0
     sparse_attn_fwd_kernel[(n_q, head_blocks, num_splits)](
         q, out, acc_ws, ml_ws,
@@ -309,13 +330,13 @@ def sparse_attention(
         comp if has_comp else dummy, _bf16_view(comp) if has_comp else dummy,
         block_table if has_comp else dummy, bt_stride, num_comp if has_comp else dummy,
         topk_idx if topk_idx is not None else dummy, topk_idx.stride(0) if topk_idx is not None else 0,
-        num_topk, comp_rows,
+        num_topk, comp_rows, req, win_lo, win_base,
         num_heads, softmax_scale * LOG2E, min_split_keys, max_splits, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         D=d, NOPE=lay.nope_dim, ROPE=rope_dim, SCALE_BYTES=lay.scale_bytes,
         WIN_FP8=win_fp8, COMP_FP8=comp_fp8, HAS_COMP=has_comp, HAS_TOPK=topk_idx is not None,
         SPLIT=split, BLOCK_H=block_h, BLOCK_N=block_n, DTYPE=dtype,
-        DOT_PRECISION="ieee" if dtype == tl.float32 else "tf32",
+        DOT_PRECISION="ieee" if dtype == tl.float32 else "tf32", VARLEN=varlen is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:

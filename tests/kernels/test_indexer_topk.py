@@ -11,6 +11,7 @@ from dsv4.kernels.indexer_topk import (
     indexer_topk_decode,
     indexer_topk_decode_ref,
     indexer_topk_prefill,
+    indexer_topk_prefill_batch,
     indexer_topk_prefill_ref,
 )
 from dsv4.kernels.kv_format import reference as kv_ref
@@ -139,6 +140,38 @@ def test_indexer_topk_prefill(fmt, q_dtype):
     _, ref_scores = indexer_topk_prefill_ref(q.cpu(), w.cpu(), pool.cpu(), table.cpu(), start, k, rate, key_format)
     for s in range(s_len):
         check_topk_row(out[s].cpu(), ref_scores[s], k, f"prefill query {s}")
+
+
+@pytest.mark.parametrize("fmt,q_dtype", [("fp32", torch.float32), ("fp8", torch.bfloat16)], ids=lambda v: str(v).replace("torch.", ""))
+def test_indexer_topk_prefill_batch_equals_each_request_alone(fmt, q_dtype):
+    """Three prompts' queries in one call (launches split across the prompts' boundaries): each query's picks
+    are the exact top-k of its own request's keys, read through its own table."""
+    g = make_generator(zlib.crc32(f"prefill-batch/{fmt}".encode()))
+    # (start, S): the first and last see more than k entries, the middle one fewer
+    runs = [(3000, 40), (0, 9), (30000, 24)] if REAL_SHAPES else [(90, 10), (0, 9), (120, 20)]
+    k, rate = (512, 4) if REAL_SHAPES else (16, 4)
+    blocks = [-(-((start + s_len) // rate) // ENTRIES) for start, s_len in runs]
+    pool_blocks = sum(blocks) + 3
+    pool, key_format = key_pool(torch.randn(pool_blocks, ENTRIES, DIM, generator=g), fmt)
+    tables = shuffled_block_table(blocks, max(blocks) + 1, pool_blocks, g)
+    used = set(tables[tables < pool_blocks].tolist())
+    spoil_key_pages(pool, sorted(set(range(pool_blocks)) - used), g)
+    n_q = sum(s_len for _, s_len in runs)
+    q = torch.randn(n_q, HEADS, DIM, generator=g).to(q_dtype).to(DEVICE)
+    w = (torch.randn(n_q, HEADS, generator=g) * 0.1).to(DEVICE)
+    positions = torch.cat([torch.arange(start, start + s_len) for start, s_len in runs])
+    requests = torch.cat([torch.full((s_len,), r, dtype=torch.int32) for r, (_, s_len) in enumerate(runs)]).to(DEVICE)
+    visible = ((positions + 1) // rate).to(torch.int32)
+    out = poison_like((n_q, k), torch.int32)
+    indexer_topk_prefill_batch(q, w, pool, tables, requests, visible.to(DEVICE), int(visible.max()), k,
+                               key_format=key_format, out=out, query_chunk=7)
+    row = 0
+    for r, (start, s_len) in enumerate(runs):
+        _, ref_scores = indexer_topk_prefill_ref(q[row:row + s_len].cpu(), w[row:row + s_len].cpu(), pool.cpu(),
+                                                 tables[r].cpu(), start, k, rate, key_format)
+        for s in range(s_len):
+            check_topk_row(out[row + s].cpu(), ref_scores[s], k, f"request {r} query {s}")
+        row += s_len
 
 
 def test_indexer_topk_is_ordered_batch_invariant_and_breaks_ties_low():
