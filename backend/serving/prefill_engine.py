@@ -4,7 +4,7 @@ Threads: `submit` is called from Triton's execute thread; the loop runs on its o
 hands each result to `sink`, which must only enqueue (the adapter's sender thread does the IPC).
 
 Each step takes one chunk of every running prompt that fits a token budget and runs them in one
-pass (`PrefillStage.step`): the token-wise work over all of them at once, attention per prompt.
+pass (`PrefillStage.step`): on the kernel path one launch of each kernel per layer for all of them.
 A prompt's chunks end where they would in-process (every `chunk` tokens from its start or cache
 point), so its cache state is the one a lone run writes. Prompts that have run the fewest chunks
 go first, so an arrival starts within one step even beside a long prompt, and a long prompt
