@@ -4,7 +4,7 @@
 #   scripts/h200_decode.sh [bench] [bench256] [tests] [kernels] [kbench] [ksweep] [ncu] [e2e] [tokenizer] [profile] [locust]
 #   (default: bench tests kernels)
 # Environment: STRICT=1 stops at the first failed phase; BENCH_BATCHES, GPU_TESTS, TESTS_S, E2E_S, E2E_ARGS, PROFILE_ARGS,
-# KBENCH_ARGS, NCU_ARGS tune
+# KBENCH_ARGS, NCU_ARGS, KERNELS_S tune
 # the phases (E2E_PY: the e2e phase's interpreter); DSV4_COMMIT names the commit in the results (the device copy has no git history).
 # Needs .gpu (../shared/tools/gpu-bundle.sh) carried along; the locust phase also .gpu-locust (Locust's
 # wheels for the device's Python: scripts/gpu_locust_wheels.sh). The transformers wheel may travel apart,
@@ -35,9 +35,10 @@ for phase in $phases; do
     tests)
       timeout ${TESTS_S:-330} $py -m pytest ${GPU_TESTS:-tests/gpu} -q -s -p no:cacheprovider --timeout 300 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
     kernels)
-      DSV4_REAL_SHAPES=1 timeout 300 $py -m pytest -q -x -p no:cacheprovider tests/kernels/test_sparse_decode.py \
-        tests/kernels/test_indexer_topk.py tests/kernels/test_sampling.py tests/kernels/test_mhc.py \
-        tests/kernels/test_norm_rope.py tests/kernels/test_moe.py 2>&1 | tee "$out/kernel_tests.log" | tail -15 ;;
+      DSV4_REAL_SHAPES=1 timeout ${KERNELS_S:-300} $py -m pytest -q -x -p no:cacheprovider tests/kernels/test_sparse_decode.py \
+        tests/kernels/test_sparse_prefill.py tests/kernels/test_indexer_topk.py tests/kernels/test_compressor.py \
+        tests/kernels/test_sampling.py tests/kernels/test_mhc.py tests/kernels/test_norm_rope.py tests/kernels/test_moe.py \
+        2>&1 | tee "$out/kernel_tests.log" | tail -15 ;;
     e2e)
       [[ -f /tmp/flash-mini/config.json ]] || timeout 120 $py -m dsv4.scripts.make_checkpoint flash-mini --out /tmp/flash-mini >>"$err" 2>&1
       # the served half starts dsv4-serve with this interpreter: the stubs need numpy < 2 (E2E_PY=python3),
