@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsv4.kernels.host_copy import to_device
+
 from ..checkpoint.loader import load_model
 from ..generate import PREFILL_CHUNK, PrefillCancelled, eos_ids_tensor, sample_tokens
 from ..kv_cache.layout import BLOCK_TOKENS
@@ -35,7 +37,7 @@ class PrefillJob:
     """One prompt on its way through prefill: its cache reservation and where its chunks must end."""
 
     key: str  # the request's name in the prefill cache
-    ids: list[int]
+    ids: np.ndarray  # int64 prompt tokens
     config: RequestConfig
     hashes: list[int]
     seq: SequenceState
@@ -121,9 +123,8 @@ class PrefillStage:
         """Reserve the prompt's blocks (resuming at a cached prefix); None while the cache is too full."""
         # from the array, not element by element: a long prompt's conversion would otherwise hold the
         # GIL for tens of milliseconds, stalling a decode loop in the same process
-        array = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        ids = array.tolist()
-        if not ids:
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        if not ids.size:
             raise ValueError("prefill needs at least one prompt token")
         hashes = chain_hashes(ids)
         if not self.cache.can_admit(len(ids), hashes, prompt_len=len(ids)):
@@ -136,7 +137,7 @@ class PrefillStage:
         self.stats.prompt_tokens += len(ids)
         self.stats.computed_tokens += len(ids) - start
         stops = [b * BLOCK_TOKENS for b in snapshot_boundaries(len(ids), self.snapshot_interval) if b * BLOCK_TOKENS > start]
-        prompt = torch.from_numpy(array).to(self.model.device)
+        prompt = to_device(ids, torch.int64, self.model.device)  # queued: the pass before may still be running
         return PrefillJob(key, ids, config, hashes, seq, prompt, [*stops, len(ids)])
 
     def step(self, plan: list[tuple[PrefillJob, int]]) -> list[tuple[PrefillJob, PrefillResult]]:

@@ -43,6 +43,24 @@ def test_chain_hashes_are_chained_and_stable():
     assert all(0 <= h < 1 << 64 for h in ha)
 
 
+def test_chain_hashes_are_the_defined_blake2b_chain_for_lists_and_arrays():
+    """h_j = blake2b(h_{j-1} as 8 little-endian bytes || block j's tokens as little-endian int64), from 0."""
+    import hashlib
+    import struct
+
+    import numpy as np
+
+    a = _tokens(3, 256 * 5 + 17)
+    want, prev = [], 0
+    for j in range(5):
+        digest = hashlib.blake2b(prev.to_bytes(8, "little"), digest_size=8)
+        digest.update(struct.pack("<256q", *a[j * 256 : (j + 1) * 256]))
+        prev = int.from_bytes(digest.digest(), "little")
+        want.append(prev)
+    assert chain_hashes(a) == want
+    assert chain_hashes(np.asarray(a, dtype=np.int32)) == want
+
+
 def test_snapshot_boundaries():
     assert snapshot_boundaries(256) == []
     assert snapshot_boundaries(257) == [1]
