@@ -1,5 +1,6 @@
 """Batched prefill on the H200: several prompts in one pass (bf16 kernel path) compute what each
-computes alone, to the bound that the pass's other GEMM shapes allow."""
+computes alone, to the bound that the pass's other GEMM shapes allow; in float32 the pass equals the
+reference path; a pass queues everything without waiting for the GPU."""
 
 from __future__ import annotations
 
@@ -31,12 +32,41 @@ def test_prefill_batch_matches_each_prompt_alone(gpu_models, record_property):
     print(f"\nbatched vs alone prefill (bf16 kernels), last logits rel err per prompt {lengths}: "
           + ", ".join(f"{e:.2e}" for e in errors))
     assert torch.isfinite(together).all()
-    # the token-wise GEMMs see another M, so cuBLAS may round differently; attention is per prompt
+    # the GEMMs see another M, so cuBLAS may round differently
     assert max(errors) < 2e-2
     tokens = torch.tensor([5, 6, 7, 8], device="cuda")
     step_alone = model.decode(tokens, [alone_cache.seqs[str(i)] for i in range(len(lengths))], alone_cache.storage)
     step_together = model.decode(tokens, seqs, together_cache.storage)
     assert _rel(step_together, step_alone) < 2e-2
+
+
+def test_a_kernel_pass_over_continued_prompts_equals_the_float32_reference(gpu_models, record_property):
+    """float32: one kernel-path pass over chunks that continue earlier ones (past the window and many
+    compressed blocks), a one-token chunk and a fresh prompt, against the reference path prompt by prompt,
+    and the next decode step from the pages each leaves."""
+    model = gpu_models[torch.float32]
+    firsts, rests = [700, 2048, 0, 90], [1300, 1, 517, 37]
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(1000, model.cfg.vocab_size - 1000, (a + b,), generator=g).cuda() for a, b in zip(firsts, rests)]
+
+    def run(kernels: bool):
+        cache = PagedCache.for_requests(model.cfg, model.dtype, "cuda", 4, 2600, kv_format="float")
+        cache.storage.use_kernels = kernels
+        seqs = [cache.admit(str(i), 2600) for i in range(4)]
+        for p, s, a in zip(prompts, seqs, firsts):
+            if a:
+                model.prefill(p[:a], s, cache.storage)
+        chunks = [(p[a:], s) for p, s, a in zip(prompts, seqs, firsts)]
+        logits = model.prefill_batch(chunks, cache.storage) if kernels else \
+            torch.cat([model.prefill(t, s, cache.storage) for t, s in chunks])
+        return logits, model.decode(torch.tensor([5, 6, 7, 8], device="cuda"), seqs, cache.storage)
+
+    (reference, reference_next), (kernels, kernels_next) = run(False), run(True)
+    errors = [_rel(kernels[i], reference[i]) for i in range(4)]
+    record_property("per_prompt_rel_err", errors)
+    print("\nkernel pass vs float32 reference, last logits rel err per prompt: " + ", ".join(f"{e:.2e}" for e in errors))
+    assert torch.isfinite(kernels).all()
+    assert max(errors) < 1e-3 and _rel(kernels_next, reference_next) < 1e-3
 
 
 def test_a_prefill_pass_and_a_handoff_never_wait_for_the_gpu(gpu_models):
