@@ -10,12 +10,12 @@ import torch
 from dsv4.backend.checkpoint.loader import load_model
 from dsv4.backend.kv_cache.paged_cache import PagedCache
 
-from tests.model.oracle import CONFIG_A, build_hf, rel_err, save_hf
+from tests.model.oracle import CONFIG_KERNELS, build_hf, rel_err, save_hf
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return load_model(save_hf(build_hf(CONFIG_A, seed=3), tmp_path_factory.mktemp("fp8")), progress=False)
+    return load_model(save_hf(build_hf(CONFIG_KERNELS, seed=3), tmp_path_factory.mktemp("fp8")), progress=False)
 
 
 def _run(model, kv_format: str, kernels: bool, chunks: list[int], prompt: torch.Tensor, steps: int) -> torch.Tensor:

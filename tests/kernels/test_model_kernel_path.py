@@ -9,7 +9,7 @@ import torch
 from dsv4.backend.checkpoint.loader import load_model
 from dsv4.backend.kv_cache.paged_cache import PagedCache
 
-from tests.model.oracle import CONFIG_A, build_hf, rel_err, save_hf
+from tests.model.oracle import CONFIG_KERNELS, build_hf, rel_err, save_hf
 
 
 def _run(model, use_kernels: bool, prompts: list[torch.Tensor], chunks: list[int], steps: int) -> torch.Tensor:
@@ -30,7 +30,7 @@ def _run(model, use_kernels: bool, prompts: list[torch.Tensor], chunks: list[int
 
 
 def test_kernel_path_equals_reference_path(tmp_path):
-    model = load_model(save_hf(build_hf(CONFIG_A, seed=2), tmp_path / "m"), progress=False)
+    model = load_model(save_hf(build_hf(CONFIG_KERNELS, seed=2), tmp_path / "m"), progress=False)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (40,), generator=g) for _ in range(2)]
     # neither a multiple of the window, of 4 or of the HCA rate 16; the decode steps run past the

@@ -19,6 +19,10 @@ CONFIG_A = dict(
     hc_mult=4, hc_sinkhorn_iters=20, routed_scaling_factor=1.5, swiglu_limit=10.0, num_nextn_predict_layers=0,
     max_position_embeddings=1048576, rope_parameters=dict(YARN),
 )
+# CONFIG_A with one layer of each kind and fewer index heads: for the kernel path under the Triton
+# interpreter, whose cost grows with layers and heads
+CONFIG_KERNELS = dict(CONFIG_A, num_hidden_layers=3, layer_types=[SWA, CSA, HCA],
+                      mlp_layer_types=["hash_moe", "moe", "moe"], index_n_heads=8)
 # other window, compress rates, top-k and head counts
 CONFIG_B = dict(
     vocab_size=700, hidden_size=96, num_hidden_layers=4, layer_types=[HCA, CSA, SWA, CSA],

@@ -13,14 +13,14 @@ from dsv4.backend.kv_cache.paged_cache import PagedCache
 from dsv4.backend.model.decode_batch import DecodeBatch
 from dsv4.backend.sampler import SamplingParams
 
-from .oracle import CONFIG_A, build_hf, save_hf
+from .oracle import CONFIG_KERNELS, build_hf, save_hf
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return load_model(save_hf(build_hf(CONFIG_A, seed=4), tmp_path_factory.mktemp("runner")), progress=False)
+    return load_model(save_hf(build_hf(CONFIG_KERNELS, seed=4), tmp_path_factory.mktemp("runner")), progress=False)
 
 
 def _prefilled(model, lengths: list[int], kernels: bool):

@@ -16,7 +16,7 @@ from dsv4.backend.serving.prefill_engine import PrefillEngine, PrefillSettings
 from dsv4.backend.serving.prefill_stage import PrefillStage
 from dsv4.backend.serving.request import RequestConfig
 
-from .oracle import CONFIG_A, CSA, HCA, build_hf, rel_err, save_hf
+from .oracle import CONFIG_A, CONFIG_KERNELS, build_hf, rel_err, save_hf
 
 MAX_LEN = 2048
 
@@ -81,10 +81,7 @@ def test_prefill_batch_equals_each_prompt_alone(model):
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
-    """CONFIG_A cut to one CSA and one HCA layer with fewer index heads: the interpreter runs it quickly."""
-    config = {**CONFIG_A, "num_hidden_layers": 2, "layer_types": [CSA, HCA], "mlp_layer_types": ["hash_moe", "moe"],
-              "index_n_heads": 8}
-    return load_model(save_hf(build_hf(config, seed=8), tmp_path_factory.mktemp("prefill-pass")), progress=False)
+    return load_model(save_hf(build_hf(CONFIG_KERNELS, seed=8), tmp_path_factory.mktemp("prefill-pass")), progress=False)
 
 
 def test_kernel_pass_over_continued_prompts_equals_the_reference(small_model):
