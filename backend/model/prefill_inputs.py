@@ -22,9 +22,6 @@ from ..kv_cache.storage import SequenceState
 
 
 class PassInputs(NamedTuple):
-    starts: tuple[int, ...]  # each prompt's first position in this pass (seq.position before it)
-    bounds: tuple[int, ...]  # R + 1 offsets of the prompts' tokens in the pass
-    raw_bounds: tuple[int, ...]  # R + 1 offsets of the prompts' raw windows (history rows, then chunk rows)
     positions: torch.Tensor  # [T] int64
     hist_blocks: torch.Tensor  # [H] ring block of each window row read before the chunks (H may be 0)
     hist_slots: torch.Tensor  # [H] its ring slot
@@ -38,13 +35,13 @@ class PassInputs(NamedTuple):
     spans: PrefillSpans  # the compressors' view of the same chunks
     requests: torch.Tensor  # [T] int32: each token's prompt
     win_lo: torch.Tensor  # [R] int64: each prompt's first raw-window position
-    win_base: torch.Tensor  # [R] int64: its row in the raw windows (raw_bounds[r])
+    win_base: torch.Tensor  # [R] int64: its row in the raw windows (each prompt's history rows, then its chunk's)
     visible: dict[int, tuple[torch.Tensor, int]]  # rate -> ([T] int32 entries each token sees, the most any sees)
 
     @classmethod
     def build(cls, seqs: Sequence[SequenceState], lengths: Sequence[int], window: int, rates: Sequence[int],
               device: torch.device | str) -> PassInputs:
-        starts = [s.position for s in seqs]
+        starts = [s.position for s in seqs]  # seq.position moves only after the pass
         bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         hists = [min(start, window - 1) for start in starts]
         hist_pos = [np.arange(start - h, start) for start, h in zip(starts, hists)]
@@ -58,12 +55,10 @@ class PassInputs(NamedTuple):
         tail_pos = np.concatenate([t - bounds[r] + starts[r] for r, t in enumerate(tails)])
         ring_of = lambda parts: np.concatenate([np.full(len(p), s.ring_block) for p, s in zip(parts, seqs)])  # noqa: E731
         ints = lambda values: to_device(np.asarray(values, dtype=np.int64), torch.int64, device)  # noqa: E731
-        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)]) \
-            if len(seqs) > 1 else torch.arange(starts[0], starts[0] + lengths[0], device=device)
-        all_hist = np.concatenate(hist_pos) if hist_pos else np.zeros(0, np.int64)
+        positions = ints(np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]))
+        all_hist = np.concatenate(hist_pos)
         return cls(
-            tuple(starts), tuple(int(b) for b in bounds), tuple(int(b) for b in raw_bounds), positions,
-            ints(ring_of(hist_pos)), ints(all_hist % window),
+            positions, ints(ring_of(hist_pos)), ints(all_hist % window),
             None if len(seqs) == 1 else ints(order),
             ints(np.concatenate(tails)), ints(ring_of(tails)), ints(tail_pos % window),
             _tables([s.csa_blocks for s in seqs], device), _tables([s.csa_index_blocks for s in seqs], device),
