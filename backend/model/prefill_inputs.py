@@ -45,11 +45,6 @@ class PassInputs(NamedTuple):
         bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         hists = [min(start, window - 1) for start in starts]
         hist_pos = [np.arange(start - h, start) for start, h in zip(starts, hists)]
-        hist_total = sum(hists)
-        # raw window of prompt r: its history rows (at hist offset), then its chunk rows (after all histories)
-        hist_at = np.concatenate([[0], np.cumsum(hists)]).astype(np.int64)
-        order = np.concatenate([np.concatenate([np.arange(hist_at[r], hist_at[r + 1]), hist_total + np.arange(bounds[r], bounds[r + 1])])
-                                for r in range(len(seqs))])
         raw_bounds = np.concatenate([[0], np.cumsum([h + n for h, n in zip(hists, lengths)])])
         tails = [np.arange(max(bounds[r], bounds[r + 1] - window), bounds[r + 1]) for r in range(len(seqs))]
         tail_pos = np.concatenate([t - bounds[r] + starts[r] for r, t in enumerate(tails)])
@@ -59,7 +54,7 @@ class PassInputs(NamedTuple):
         all_hist = np.concatenate(hist_pos)
         return cls(
             positions, ints(ring_of(hist_pos)), ints(all_hist % window),
-            None if len(seqs) == 1 else ints(order),
+            None if len(seqs) == 1 else ints(_raw_order(hists, bounds)),
             ints(np.concatenate(tails)), ints(ring_of(tails)), ints(tail_pos % window),
             _tables([s.csa_blocks for s in seqs], device), _tables([s.csa_index_blocks for s in seqs], device),
             _tables([s.hca_blocks for s in seqs], device),
@@ -72,6 +67,14 @@ class PassInputs(NamedTuple):
     def comp_table(self, csa: bool) -> torch.Tensor:
         """The compressed-entry tables of a CSA (True) or HCA layer."""
         return self.csa_table if csa else self.hca_table
+
+
+def _raw_order(hists: list[int], bounds: np.ndarray) -> np.ndarray:
+    """Rows of cat(all histories, all chunk keys) in raw-window order: each prompt's history rows,
+    then its chunk's."""
+    hist_at = np.concatenate([[0], np.cumsum(hists)]).astype(np.int64)
+    return np.concatenate([np.concatenate([np.arange(hist_at[r], hist_at[r + 1]), hist_at[-1] + np.arange(bounds[r], bounds[r + 1])])
+                           for r in range(len(hists))])
 
 
 def _tables(blocks: list[list[int]], device) -> torch.Tensor:

@@ -77,13 +77,12 @@ def finish_with_sink(m_i, l_i, acc, sink_ptr, o_h, m_h):
     return acc * (a / denom)[:, None]
 
 
-# the window's origin and rows follow the prompt's position, a prefill pass's tables are as wide as its
-# longest prompt: one compiled variant for all of them
-@triton.jit(do_not_specialize=["win_origin", "win_rows", "bt_stride"])
+# a prefill pass's window rows and tables follow its prompts' lengths: one compiled variant for all of them
+@triton.jit(do_not_specialize=["win_rows", "bt_stride"])
 def sparse_attn_fwd_kernel(
     q_ptr, o_ptr, acc_ws_ptr, ml_ws_ptr,
     pos_ptr, sink_ptr, inv_freq_ptr,
-    win_ptr, win_bf16_ptr, win_page_ptr, win_origin, win_rows, window,
+    win_ptr, win_bf16_ptr, win_page_ptr, win_rows, window,
     comp_ptr, comp_bf16_ptr, block_table_ptr, bt_stride, num_comp_ptr, topk_ptr, topk_stride, num_topk, comp_rows,
     req_ptr, win_lo_ptr, win_base_ptr,
     num_heads, qk_scale, min_split_keys, max_splits, num_splits,
@@ -96,7 +95,7 @@ def sparse_attn_fwd_kernel(
     """VARLEN (prefill of several prompts): query i_b belongs to request req[i_b], whose raw window rows sit
     in the flat `win` from row win_base[req] on, the first of them at position win_lo[req]; its compressed
     entries go through row req of the block tables. Otherwise request i_b reads its ring page win_page[i_b]
-    (row (p - win_origin) % win_rows, positions >= max(win_origin, 0)) and table row i_b."""
+    (position p at row p % win_rows) and table row i_b."""
     i_b = tl.program_id(0).to(tl.int64)
     i_hb = tl.program_id(1)
     i_s = tl.program_id(2)
@@ -114,8 +113,8 @@ def sparse_attn_fwd_kernel(
     else:
         table_row = i_b
         win_page = tl.load(win_page_ptr + i_b).to(tl.int64)
-        win_lo = tl.maximum(win_origin, 0)
-        win_base = win_lo - win_origin  # rows are (p - origin) % win_rows
+        win_lo = t * 0  # a ring: every position from 0 on, at row p % win_rows
+        win_base = t * 0
     q = tl.load(q_ptr + i_b * stride_qb + o_h[:, None].to(tl.int64) * stride_qh + o_d[None, :], mask=m_h[:, None], other=0.0)
     q = q.to(DTYPE)
 
@@ -285,7 +284,7 @@ DECODE_MAX_SPLITS = 8
 
 def sparse_attention(
     q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, softmax_scale: float, rope_inv_freq: torch.Tensor,
-    win: torch.Tensor, win_page: torch.Tensor, win_origin: int, window: int,
+    win: torch.Tensor, win_page: torch.Tensor, window: int,
     comp: torch.Tensor | None, block_table: torch.Tensor | None, bt_stride: int, num_comp: torch.Tensor | None,
     topk_idx: torch.Tensor | None, max_comp_keys: int, out: torch.Tensor | None, max_splits: int,
     launch: tuple[int, int, int, int] | None = None, min_split_keys: int = DECODE_SPLIT_KEYS,
@@ -326,7 +325,7 @@ def sparse_attention(
     sparse_attn_fwd_kernel[(n_q, head_blocks, num_splits)](
         q, out, acc_ws, ml_ws,
         positions, sink, rope_inv_freq,
-        win, _bf16_view(win), win_page, win_origin, win_rows, window,
+        win, _bf16_view(win), win_page, win_rows, window,
         comp if has_comp else dummy, _bf16_view(comp) if has_comp else dummy,
         block_table if has_comp else dummy, bt_stride, num_comp if has_comp else dummy,
         topk_idx if topk_idx is not None else dummy, topk_idx.stride(0) if topk_idx is not None else 0,
@@ -423,7 +422,7 @@ def sparse_decode(
     else:
         assert topk_idx is None, "topk_idx without a compressed pool"
     return sparse_attention(
-        q, positions, sink, softmax_scale, rope_inv_freq, ring, ring_block, 0, window,
+        q, positions, sink, softmax_scale, rope_inv_freq, ring, ring_block, window,
         comp, block_table, bt_stride, num_comp, topk_idx, max_comp_keys, out, max_splits, launch, min_split_keys,
     )
 

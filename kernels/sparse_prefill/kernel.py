@@ -88,7 +88,7 @@ def sparse_prefill_batch(
     else:
         assert topk_idx is None
     return sparse_attention(
-        q, positions, sink, softmax_scale, rope_inv_freq, kv.view(1, kv.shape[0], d), requests, 0, window,
+        q, positions, sink, softmax_scale, rope_inv_freq, kv.view(1, kv.shape[0], d), requests, window,
         comp, block_tables, block_tables.stride(0) if comp is not None else 0, num_comp, topk_idx, max_comp_keys, out,
         max_splits, min_split_keys=min_split_keys, varlen=(requests, win_lo, win_base),
     )
@@ -148,14 +148,9 @@ def sparse_prefill(
         num_comp = ((positions + 1) // rate).to(torch.int32)
         _, comp_rows = pool_geometry(comp, d, 2 * rope_inv_freq.shape[0], "comp")
         tables = block_table[None]
-        if topk_idx is not None:
-            check_dtype("topk_idx", topk_idx, torch.int32)
-            assert topk_idx.dim() == 2 and topk_idx.shape[0] == s_len and topk_idx.stride(1) == 1
-            max_comp_keys = topk_idx.shape[1]
-        else:
-            max_comp_keys = min((start_pos + s_len) // rate, block_table.shape[0] * comp_rows)
-    else:
-        assert topk_idx is None
+        # the top-k lists are checked by sparse_prefill_batch
+        max_comp_keys = topk_idx.shape[-1] if topk_idx is not None else \
+            min((start_pos + s_len) // rate, block_table.shape[0] * comp_rows)
     return sparse_prefill_batch(q, positions, requests, kv, lo_base[:1], lo_base[1:], window, comp, tables, num_comp,
                                 topk_idx, max_comp_keys, sink, softmax_scale, rope_inv_freq, out=out,
                                 max_splits=max_splits, min_split_keys=min_split_keys)
