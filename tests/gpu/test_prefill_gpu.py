@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.backend.kv_cache.paged_cache import PagedCache
+from tests.model.continued_pass import continued_pass
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,19 +50,8 @@ def test_a_kernel_pass_over_continued_prompts_equals_the_float32_reference(gpu_m
     g = torch.Generator().manual_seed(13)
     prompts = [torch.randint(1000, model.cfg.vocab_size - 1000, (a + b,), generator=g).cuda() for a, b in zip(firsts, rests)]
 
-    def run(kernels: bool):
-        cache = PagedCache.for_requests(model.cfg, model.dtype, "cuda", 4, 2600, kv_format="float")
-        cache.storage.use_kernels = kernels
-        seqs = [cache.admit(str(i), 2600) for i in range(4)]
-        for p, s, a in zip(prompts, seqs, firsts):
-            if a:
-                model.prefill(p[:a], s, cache.storage)
-        chunks = [(p[a:], s) for p, s, a in zip(prompts, seqs, firsts)]
-        logits = model.prefill_batch(chunks, cache.storage) if kernels else \
-            torch.cat([model.prefill(t, s, cache.storage) for t, s in chunks])
-        return logits, model.decode(torch.tensor([5, 6, 7, 8], device="cuda"), seqs, cache.storage)
-
-    (reference, reference_next), (kernels, kernels_next) = run(False), run(True)
+    reference, reference_next = continued_pass(model, prompts, firsts, False, 2600, [5, 6, 7, 8])
+    kernels, kernels_next = continued_pass(model, prompts, firsts, True, 2600, [5, 6, 7, 8])
     errors = [_rel(kernels[i], reference[i]) for i in range(4)]
     record_property("per_prompt_rel_err", errors)
     print("\nkernel pass vs float32 reference, last logits rel err per prompt: " + ", ".join(f"{e:.2e}" for e in errors))

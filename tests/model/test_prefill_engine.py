@@ -16,6 +16,7 @@ from dsv4.backend.serving.prefill_engine import PrefillEngine, PrefillSettings
 from dsv4.backend.serving.prefill_stage import PrefillStage
 from dsv4.backend.serving.request import RequestConfig
 
+from .continued_pass import continued_pass
 from .oracle import CONFIG_A, CONFIG_KERNELS, build_hf, rel_err, save_hf
 
 MAX_LEN = 2048
@@ -92,19 +93,8 @@ def test_kernel_pass_over_continued_prompts_equals_the_reference(small_model):
     firsts, rests = [3, 12, 0], [2, 9, 5]  # window 8, CSA rate 4, HCA rate 16
     prompts = [torch.tensor(_prompt(a + b, 40 + i)) for i, (a, b) in enumerate(zip(firsts, rests))]
 
-    def run(kernels: bool):
-        cache = PagedCache.for_requests(model.cfg, model.dtype, "cpu", 3, 32)
-        cache.storage.use_kernels = kernels
-        seqs = [cache.admit(str(i), 32) for i in range(3)]
-        for p, s, a in zip(prompts, seqs, firsts):
-            if a:
-                model.prefill(p[:a], s, cache.storage)
-        chunks = [(p[a:], s) for p, s, a in zip(prompts, seqs, firsts)]
-        logits = model.prefill_batch(chunks, cache.storage) if kernels else \
-            torch.cat([model.prefill(t, s, cache.storage) for t, s in chunks])
-        return logits, model.decode(torch.tensor([1, 2, 3]), seqs, cache.storage)
-
-    (reference, reference_next), (kernels, kernels_next) = run(False), run(True)
+    reference, reference_next = continued_pass(model, prompts, firsts, False, 32, [1, 2, 3])
+    kernels, kernels_next = continued_pass(model, prompts, firsts, True, 32, [1, 2, 3])
     assert torch.isfinite(kernels).all()
     assert rel_err(kernels, reference) < 1e-4
     assert rel_err(kernels_next, reference_next) < 1e-4
